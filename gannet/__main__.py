@@ -1,0 +1,5 @@
+"""`python -m gannet` runs the command line."""
+
+from gannet.cli import main
+
+raise SystemExit(main())

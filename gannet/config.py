@@ -1,0 +1,606 @@
+"""The config file: TOML in, frozen dataclasses out, or a ConfigError.
+
+Every error names the file, the key (dotted, `listen[1].mode`), the reason and
+what is allowed, so `gannet check-config` and `gannet serve` can print it and
+exit 2 before anything listens. Relative paths are resolved against the
+directory of the config file. This module reads the one file and nothing
+else: it never opens sockets, certificates or databases (those are checked by
+their owners at start-up, with errors in the same shape).
+
+Keys (CONTRACT.md is the interface; the README has the reference with defaults).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATHS = (Path("gannet.toml"), Path("/etc/gannet/gannet.toml"))
+
+
+class ConfigError(Exception):
+    """A problem in the config file, precise enough to fix without reading code."""
+
+    def __init__(self, file: Path | str, key: str, reason: str, allowed: str = "") -> None:
+        self.file, self.key, self.reason, self.allowed = str(file), key, reason, allowed
+        msg = f"{file}: {key}: {reason}" if key else f"{file}: {reason}"
+        if allowed:
+            msg += f" (allowed: {allowed})"
+        super().__init__(msg)
+
+
+class ListenMode(enum.Enum):
+    MX = "mx"
+    SUBMISSION = "submission"
+    SUBMISSIONS = "submissions"
+    LMTP = "lmtp"
+
+
+class DmarcMode(enum.Enum):
+    ENFORCE = "enforce"
+    REPORT = "report"
+    OFF = "off"
+
+
+class BareNewlinePolicy(enum.Enum):
+    REJECT = "reject"
+    NORMALIZE = "normalize"
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int
+    mode: ListenMode
+    proxy_protocol: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    url: str = "sqlite:"
+    sqlite_path: Path | None = None  # resolved from url "sqlite:" / "sqlite:PATH"
+    inline_body_limit: int = 256 * 1024  # bodies above this are spooled to a file while arriving
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: Path | None = None
+    key: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    local_domains: tuple[str, ...] = ()
+    relay_domains: tuple[str, ...] = ()
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    smarthost: str = ""
+    smarthost_user: str = ""
+    smarthost_password_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxesConfig:
+    maildir: str  # template with {domain} and {user}, absolute after resolution
+    users_file: Path
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    lmtp: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    port: int = 25
+    retry: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400)
+    give_up_after: float = 5 * 86400
+    warn_after: float = 4 * 3600
+    local_concurrency: int = 8  # Maildir writers working at once
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKey:
+    domain: str
+    selector: str
+    key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class MailauthConfig:
+    dmarc: DmarcMode = DmarcMode.ENFORCE
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    address: str = "127.0.0.1:8025"
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """Limits and protocol choices of the listeners (all optional keys)."""
+
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    max_errors: int = 20
+    idle_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7 asks servers for at least 5 minutes
+    data_timeout: float = 600.0
+    max_sessions: int = 20000
+    bare_newline: BareNewlinePolicy = BareNewlinePolicy.REJECT
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    file: Path
+    hostname: str
+    data_dir: Path
+    listen: tuple[Listener, ...]
+    queue: QueueConfig
+    tls: TlsConfig
+    relay: RelayConfig
+    mailboxes: MailboxesConfig
+    delivery: DeliveryConfig
+    dns: DnsConfig
+    dkim: tuple[DkimKey, ...]
+    mailauth: MailauthConfig
+    admin: AdminConfig
+    smtp: SmtpConfig
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def postmaster(self) -> str:
+        """Where double bounces go (CONTRACT.md)."""
+        return f"postmaster@{self.relay.local_domains[0]}" if self.relay.local_domains else ""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def find_config_file(explicit: str | None) -> Path:
+    """--config, else $GANNET_CONFIG, else ./gannet.toml, else /etc/gannet/gannet.toml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("GANNET_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate
+    return DEFAULT_PATHS[0]
+
+
+def load(path: Path) -> Config:
+    """Read and validate the file. Raises ConfigError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read the config file: {exc.strerror}") from exc
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", "the file is not UTF-8") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from exc
+    return _Reader(path, doc).config()
+
+
+class _Reader:
+    """Walks the TOML document, checking each key against what is allowed."""
+
+    SECTIONS = {
+        "hostname",
+        "data_dir",
+        "queue",
+        "listen",
+        "tls",
+        "relay",
+        "mailboxes",
+        "delivery",
+        "dns",
+        "dkim",
+        "mailauth",
+        "admin",
+        "smtp",
+    }
+
+    def __init__(self, path: Path, doc: dict[str, Any]) -> None:
+        self.file = path
+        self.base = path.resolve().parent
+        self.doc = doc
+        self.warnings: list[str] = []
+
+    def fail(self, key: str, reason: str, allowed: str = "") -> ConfigError:
+        return ConfigError(self.file, key, reason, allowed)
+
+    # -- typed getters ------------------------------------------------------
+    def table(self, parent: dict[str, Any], name: str, key: str, allowed: set[str]) -> dict[str, Any]:
+        value = parent.get(name, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table, not {_kind(value)}")
+        for k in value:
+            if k not in allowed and not k.startswith("testing_"):
+                raise self.fail(f"{key}.{k}", "unknown key", ", ".join(sorted(allowed)))
+            if k.startswith("testing_"):
+                self.warnings.append(f"{key}.{k} is a testing-only setting")
+        return value
+
+    def string(self, t: dict[str, Any], name: str, key: str, default: str) -> str:
+        value = t.get(name, default)
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string, not {_kind(value)}")
+        return value
+
+    def integer(self, t: dict[str, Any], name: str, key: str, default: int, lo: int, hi: int) -> int:
+        value = t.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"must be an integer, not {_kind(value)}", f"{lo}..{hi}")
+        if not lo <= value <= hi:
+            raise self.fail(key, f"{value} is out of range", f"{lo}..{hi}")
+        return value
+
+    def boolean(self, t: dict[str, Any], name: str, key: str, default: bool) -> bool:
+        value = t.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, not {_kind(value)}")
+        return value
+
+    def strings(self, t: dict[str, Any], name: str, key: str) -> tuple[str, ...]:
+        value = t.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, "must be a list of strings")
+        return tuple(value)
+
+    def duration(self, t: dict[str, Any], name: str, key: str, default: float) -> float:
+        value = t.get(name)
+        if value is None:
+            return default
+        return self.parse_duration(value, key)
+
+    def parse_duration(self, value: Any, key: str) -> float:
+        m = _DURATION.match(value) if isinstance(value, str) else None
+        if not m:
+            raise self.fail(
+                key, f"{value!r} is not a duration", 'a number and a unit: "30s", "5m", "4h", "5d"'
+            )
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+    def size(self, t: dict[str, Any], name: str, key: str, default: int) -> int:
+        value = t.get(name)
+        if value is None:
+            return default
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        m = _SIZE.match(value) if isinstance(value, str) else None
+        if not m:
+            raise self.fail(key, f"{value!r} is not a size", 'bytes, or "512K", "50M", "1G"')
+        return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "")[:1].upper()]
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base / p
+
+    def enum(self, t: dict[str, Any], name: str, key: str, cls: type[enum.Enum], default: Any) -> Any:
+        value = t.get(name, default.value)
+        try:
+            return cls(value)
+        except ValueError:
+            raise self.fail(key, f"{value!r} is not allowed", " | ".join(m.value for m in cls)) from None
+
+    # -- sections -----------------------------------------------------------
+    def config(self) -> Config:
+        for k in self.doc:
+            if k not in self.SECTIONS:
+                raise self.fail(k, "unknown key", ", ".join(sorted(self.SECTIONS)))
+        hostname = self.string(self.doc, "hostname", "hostname", "")
+        if not hostname:
+            raise self.fail("hostname", "is required", "this host's name, e.g. mx.example.test")
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", hostname):
+            raise self.fail("hostname", f"{hostname!r} is not a host name")
+        data_dir = self.path(self.string(self.doc, "data_dir", "data_dir", "var"))
+        relay = self.relay()
+        cfg = Config(
+            file=self.file.resolve(),
+            hostname=hostname,
+            data_dir=data_dir,
+            listen=self.listeners(),
+            queue=self.queue(data_dir),
+            tls=self.tls(),
+            relay=relay,
+            mailboxes=self.mailboxes(data_dir, relay),
+            delivery=self.delivery(),
+            dns=self.dns(),
+            dkim=self.dkim(),
+            mailauth=self.mailauth(),
+            admin=self.admin(),
+            smtp=self.smtp(),
+            warnings=(),
+        )
+        self.cross_checks(cfg)
+        return _replace_warnings(cfg, tuple(self.warnings))
+
+    def listeners(self) -> tuple[Listener, ...]:
+        entries = self.doc.get("listen", [])
+        if not isinstance(entries, list):
+            raise self.fail("listen", "must be an array of tables: [[listen]]")
+        result = []
+        for i, entry in enumerate(entries):
+            key = f"listen[{i}]"
+            if not isinstance(entry, dict):
+                raise self.fail(key, "must be a table")
+            self.table({"x": entry}, "x", key, {"address", "mode", "proxy_protocol"})
+            addr = self.string(entry, "address", f"{key}.address", "")
+            host, port = self.host_port(addr, f"{key}.address")
+            mode = self.enum(entry, "mode", f"{key}.mode", ListenMode, ListenMode.MX)
+            proxy = self.boolean(entry, "proxy_protocol", f"{key}.proxy_protocol", False)
+            result.append(Listener(host, port, mode, proxy))
+        seen: set[tuple[str, int]] = set()
+        for i, lst in enumerate(result):
+            if (lst.host, lst.port) in seen:
+                raise self.fail(f"listen[{i}].address", f"{lst.address} is listed twice")
+            seen.add((lst.host, lst.port))
+        return tuple(result)
+
+    def host_port(self, value: str, key: str) -> tuple[str, int]:
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+        if not m:
+            raise self.fail(key, f"{value!r} is not an address", '"127.0.0.1:2525", "[::1]:2525"')
+        host = m.group(1) or m.group(3)
+        port = int(m.group(2) or m.group(4))
+        if not 0 <= port <= 65535:
+            raise self.fail(key, f"port {port} is out of range", "0..65535")
+        return host, port
+
+    def queue(self, data_dir: Path) -> QueueConfig:
+        t = self.table(self.doc, "queue", "queue", {"url", "inline_body_limit"})
+        url = self.string(t, "url", "queue.url", "sqlite:")
+        inline = self.size(t, "inline_body_limit", "queue.inline_body_limit", 256 * 1024)
+        if url.startswith("sqlite:"):
+            rest = url[len("sqlite:") :]
+            return QueueConfig(url, self.path(rest) if rest else data_dir / "queue.db", inline)
+        if url.startswith(("postgresql://", "postgres://")):
+            return QueueConfig(url, None, inline)
+        raise self.fail(
+            "queue.url",
+            f"{url!r} is not a queue URL",
+            '"sqlite:", "sqlite:PATH", "postgresql://user@host:port/db"',
+        )
+
+    def tls(self) -> TlsConfig:
+        t = self.table(self.doc, "tls", "tls", {"cert", "key"})
+        cert = self.string(t, "cert", "tls.cert", "")
+        key = self.string(t, "key", "tls.key", "")
+        if bool(cert) != bool(key):
+            raise self.fail("tls.key" if cert else "tls.cert", "cert and key must be given together")
+        return TlsConfig(self.path(cert), self.path(key)) if cert else TlsConfig()
+
+    def relay(self) -> RelayConfig:
+        t = self.table(
+            self.doc,
+            "relay",
+            "relay",
+            {
+                "local_domains",
+                "relay_domains",
+                "trusted_networks",
+                "smarthost",
+                "smarthost_user",
+                "smarthost_password_file",
+            },
+        )
+        nets = []
+        for i, n in enumerate(
+            self.strings(t, "trusted_networks", "relay.trusted_networks")
+            if "trusted_networks" in t
+            else ("127.0.0.0/8", "::1/128")
+        ):
+            try:
+                nets.append(ipaddress.ip_network(n, strict=False))
+            except ValueError:
+                raise self.fail(
+                    f"relay.trusted_networks[{i}]", f"{n!r} is not a network", '"127.0.0.0/8", "::1/128"'
+                ) from None
+        smarthost = self.string(t, "smarthost", "relay.smarthost", "")
+        if smarthost:
+            self.host_port(smarthost, "relay.smarthost")
+        pw = self.string(t, "smarthost_password_file", "relay.smarthost_password_file", "")
+        return RelayConfig(
+            local_domains=tuple(
+                d.lower().rstrip(".") for d in self.strings(t, "local_domains", "relay.local_domains")
+            ),
+            relay_domains=tuple(
+                d.lower().rstrip(".") for d in self.strings(t, "relay_domains", "relay.relay_domains")
+            ),
+            trusted_networks=tuple(nets),
+            smarthost=smarthost,
+            smarthost_user=self.string(t, "smarthost_user", "relay.smarthost_user", ""),
+            smarthost_password_file=self.path(pw) if pw else None,
+        )
+
+    def mailboxes(self, data_dir: Path, relay: RelayConfig) -> MailboxesConfig:
+        t = self.table(self.doc, "mailboxes", "mailboxes", {"maildir", "users_file", "aliases", "lmtp"})
+        template = self.string(t, "maildir", "mailboxes.maildir", "")
+        maildir = str(self.path(template)) if template else str(data_dir / "mail" / "{domain}" / "{user}")
+        try:
+            maildir.format(domain="d", user="u")
+        except (KeyError, IndexError, ValueError):
+            raise self.fail(
+                "mailboxes.maildir", f"{template!r} has an unknown placeholder", "{domain} and {user}"
+            ) from None
+        users = self.string(t, "users_file", "mailboxes.users_file", "")
+        aliases_raw = t.get("aliases", {})
+        if not isinstance(aliases_raw, dict):
+            raise self.fail("mailboxes.aliases", "must be a table of address = [addresses]")
+        aliases: dict[str, tuple[str, ...]] = {}
+        for name, targets in aliases_raw.items():
+            key = f"mailboxes.aliases.{name!r}"
+            if isinstance(targets, str):
+                targets = [targets]
+            if (
+                not isinstance(targets, list)
+                or not targets
+                or not all(isinstance(x, str) and "@" in x for x in targets)
+            ):
+                raise self.fail(key, "must be a non-empty list of addresses")
+            if "@" not in name:
+                raise self.fail(key, "the alias must be a full address (user@domain)")
+            aliases[name.lower()] = tuple(targets)
+        lmtp = self.string(t, "lmtp", "mailboxes.lmtp", "")
+        if lmtp and not lmtp.startswith("unix:"):
+            self.host_port(lmtp, "mailboxes.lmtp")
+        return MailboxesConfig(
+            maildir=maildir,
+            users_file=self.path(users) if users else data_dir / "users",
+            aliases=aliases,
+            lmtp=lmtp,
+        )
+
+    def delivery(self) -> DeliveryConfig:
+        t = self.table(
+            self.doc,
+            "delivery",
+            "delivery",
+            {"port", "retry", "give_up_after", "warn_after", "local_concurrency"},
+        )
+        retry_raw = t.get("retry")
+        if retry_raw is None:
+            retry = DeliveryConfig().retry
+        else:
+            if not isinstance(retry_raw, list) or not retry_raw:
+                raise self.fail(
+                    "delivery.retry", "must be a non-empty list of durations", '["1m", "5m", "1h"]'
+                )
+            retry = tuple(self.parse_duration(v, f"delivery.retry[{i}]") for i, v in enumerate(retry_raw))
+        return DeliveryConfig(
+            port=self.integer(t, "port", "delivery.port", 25, 1, 65535),
+            retry=retry,
+            give_up_after=self.duration(t, "give_up_after", "delivery.give_up_after", 5 * 86400),
+            warn_after=self.duration(t, "warn_after", "delivery.warn_after", 4 * 3600),
+            local_concurrency=self.integer(t, "local_concurrency", "delivery.local_concurrency", 8, 1, 256),
+        )
+
+    def dns(self) -> DnsConfig:
+        t = self.table(self.doc, "dns", "dns", {"nameservers"})
+        servers = self.strings(t, "nameservers", "dns.nameservers")
+        for i, s in enumerate(servers):
+            host = s.rsplit(":", 1)[0].strip("[]") if s.count(":") == 1 or s.startswith("[") else s
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise self.fail(
+                    f"dns.nameservers[{i}]", f"{s!r} is not an IP address", '"127.0.0.1", "127.0.0.1:5353"'
+                ) from None
+        return DnsConfig(servers)
+
+    def dkim(self) -> tuple[DkimKey, ...]:
+        entries = self.doc.get("dkim", [])
+        if not isinstance(entries, list):
+            raise self.fail("dkim", "must be an array of tables: [[dkim]]")
+        keys = []
+        for i, e in enumerate(entries):
+            key = f"dkim[{i}]"
+            if not isinstance(e, dict):
+                raise self.fail(key, "must be a table")
+            self.table({"x": e}, "x", key, {"domain", "selector", "key_file"})
+            domain = self.string(e, "domain", f"{key}.domain", "")
+            selector = self.string(e, "selector", f"{key}.selector", "")
+            key_file = self.string(e, "key_file", f"{key}.key_file", "")
+            for name, val in (("domain", domain), ("selector", selector), ("key_file", key_file)):
+                if not val:
+                    raise self.fail(f"{key}.{name}", "is required")
+            keys.append(DkimKey(domain.lower(), selector, self.path(key_file)))
+        return tuple(keys)
+
+    def mailauth(self) -> MailauthConfig:
+        t = self.table(self.doc, "mailauth", "mailauth", {"dmarc"})
+        return MailauthConfig(self.enum(t, "dmarc", "mailauth.dmarc", DmarcMode, DmarcMode.ENFORCE))
+
+    def admin(self) -> AdminConfig:
+        t = self.table(self.doc, "admin", "admin", {"address", "token_file"})
+        address = self.string(t, "address", "admin.address", "127.0.0.1:8025")
+        if address:
+            self.host_port(address, "admin.address")
+        token = self.string(t, "token_file", "admin.token_file", "")
+        return AdminConfig(address, self.path(token) if token else None)
+
+    def smtp(self) -> SmtpConfig:
+        t = self.table(
+            self.doc,
+            "smtp",
+            "smtp",
+            {
+                "max_message_size",
+                "max_recipients",
+                "max_errors",
+                "idle_timeout",
+                "data_timeout",
+                "max_sessions",
+                "bare_newline",
+            },
+        )
+        d = SmtpConfig()
+        return SmtpConfig(
+            max_message_size=self.size(t, "max_message_size", "smtp.max_message_size", d.max_message_size),
+            max_recipients=self.integer(
+                t, "max_recipients", "smtp.max_recipients", d.max_recipients, 1, 100000
+            ),
+            max_errors=self.integer(t, "max_errors", "smtp.max_errors", d.max_errors, 1, 10000),
+            idle_timeout=self.duration(t, "idle_timeout", "smtp.idle_timeout", d.idle_timeout),
+            data_timeout=self.duration(t, "data_timeout", "smtp.data_timeout", d.data_timeout),
+            max_sessions=self.integer(t, "max_sessions", "smtp.max_sessions", d.max_sessions, 1, 1000000),
+            bare_newline=self.enum(t, "bare_newline", "smtp.bare_newline", BareNewlinePolicy, d.bare_newline),
+        )
+
+    def cross_checks(self, cfg: Config) -> None:
+        needs_tls = [
+            i
+            for i, lst in enumerate(cfg.listen)
+            if lst.mode in (ListenMode.SUBMISSION, ListenMode.SUBMISSIONS)
+        ]
+        if needs_tls and not cfg.tls.enabled:
+            i = needs_tls[0]
+            raise self.fail(
+                f"listen[{i}].mode", f"{cfg.listen[i].mode.value} needs TLS, but [tls] cert/key are not set"
+            )
+        for name in cfg.mailboxes.aliases:
+            if name.rpartition("@")[2] not in cfg.relay.local_domains:
+                raise self.fail(
+                    f"mailboxes.aliases.{name!r}", "the alias is not in one of relay.local_domains"
+                )
+        if not cfg.listen:
+            self.warnings.append("no [[listen]] entries: Gannet will accept no mail")
+
+
+def _kind(value: Any) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _replace_warnings(cfg: Config, warnings: tuple[str, ...]) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, warnings=warnings)

@@ -1,0 +1,158 @@
+"""The mail log: one function per mail event, one line each, keyed by queue ID.
+
+A postmaster follows a message with `grep QUEUEID`. Lines look like Postfix's
+so that existing habits and tools carry over:
+
+    4Y7K2M9QX3ZB: from=<a@x.test>, size=1234, nrcpt=1, client=host[1.2.3.4], tls=TLSv1.3, auth=alice (queued)
+    4Y7K2M9QX3ZB: to=<b@example.test>, relay=maildir, delay=0.03, status=sent (var/mail/example.test/b)
+
+Every value that came from the network is passed through `_clean()` so that a
+peer cannot forge log lines (no CR/LF/control characters). This module never
+raises: logging must not break mail flow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+
+log = logging.getLogger("gannet.mail")
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _clean(value: object, limit: int = 300) -> str:
+    text = _UNSAFE.sub("?", str(value))
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _emit(queue_id: str, fields: dict[str, object], tail: str = "") -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    body = ", ".join(f"{k}={_clean(v)}" for k, v in fields.items() if v not in (None, ""))
+    line = f"{queue_id}: {body}" if queue_id else body
+    if tail:
+        line += f" ({_clean(tail, 500)})"
+    log.info(line, extra={"gannet_fields": {"queue_id": queue_id, **fields, "detail": tail}})
+
+
+def connect(session_id: str, client: str, listener: str) -> None:
+    _emit("", {"connect from": client, "listener": listener, "session": session_id})
+
+
+def disconnect(session_id: str, client: str, counts: dict[str, int], seconds: float) -> None:
+    summary = " ".join(f"{k}={v}" for k, v in counts.items())
+    _emit(
+        "",
+        {"disconnect from": client, "session": session_id, "commands": summary, "duration": f"{seconds:.2f}"},
+    )
+
+
+def rejected(
+    session_id: str,
+    client: str,
+    stage: str,
+    reply: object,
+    reason: str = "",
+    sender: str | None = None,
+    recipient: str | None = None,
+) -> None:
+    fields: dict[str, object] = {"reject": stage, "client": client, "session": session_id}
+    if sender is not None:
+        fields["from"] = f"<{sender}>"
+    if recipient is not None:
+        fields["to"] = f"<{recipient}>"
+    fields["reply"] = reply
+    _emit("", fields, reason)
+
+
+def auth_failed(session_id: str, client: str, username: str, mechanism: str) -> None:
+    _emit("", {"auth failed": username, "mechanism": mechanism, "client": client, "session": session_id})
+
+
+def queued(
+    queue_id: str,
+    sender: str,
+    size: int,
+    recipients: Iterable[str],
+    client: str,
+    tls: str = "",
+    auth: str = "",
+    message_id: str = "",
+) -> None:
+    rcpts = list(recipients)
+    _emit(
+        queue_id,
+        {
+            "from": f"<{sender}>",
+            "size": size,
+            "nrcpt": len(rcpts),
+            "to": ",".join(f"<{r}>" for r in rcpts),
+            "client": client,
+            "tls": tls,
+            "auth": auth,
+            "message-id": message_id,
+        },
+        "queued",
+    )
+
+
+def delivered(
+    queue_id: str, recipient: str, relay: str, delay: float, detail: str, dsn: str = "2.0.0"
+) -> None:
+    _emit(
+        queue_id,
+        {"to": f"<{recipient}>", "relay": relay, "delay": f"{delay:.2f}", "dsn": dsn, "status": "sent"},
+        detail,
+    )
+
+
+def deferred(
+    queue_id: str,
+    recipient: str,
+    relay: str,
+    delay: float,
+    reason: str,
+    dsn: str = "4.0.0",
+    retry_in: float | None = None,
+) -> None:
+    fields: dict[str, object] = {
+        "to": f"<{recipient}>",
+        "relay": relay,
+        "delay": f"{delay:.2f}",
+        "dsn": dsn,
+        "status": "deferred",
+    }
+    if retry_in is not None:
+        fields["retry_in"] = f"{retry_in:.0f}s"
+    _emit(queue_id, fields, reason)
+
+
+def bounced(queue_id: str, recipient: str, relay: str, delay: float, reason: str, dsn: str = "5.0.0") -> None:
+    _emit(
+        queue_id,
+        {"to": f"<{recipient}>", "relay": relay, "delay": f"{delay:.2f}", "dsn": dsn, "status": "bounced"},
+        reason,
+    )
+
+
+def removed(queue_id: str, reason: str = "removed") -> None:
+    _emit(queue_id, {}, reason)
+
+
+class JsonFormatter(logging.Formatter):
+    """`--log-format json`: one JSON object per line, the event's fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, object] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "gannet_fields", None)
+        if isinstance(fields, dict):
+            obj.update({k: v for k, v in fields.items() if v not in (None, "")})
+        obj["msg"] = record.getMessage()
+        return json.dumps(obj, default=str)

@@ -1,0 +1,1 @@
+"""Messages on their way in: envelope records, header edits, and the body spool."""

@@ -1,0 +1,89 @@
+"""The QueueStore interface: the ONLY way anyone touches the queue.
+
+Implementations: `sqlite.SqliteStore` (embedded default, WAL, group commit)
+and, later, `postgres.PostgresStore` (several nodes, SKIP LOCKED leases).
+Both pass `tests/contract/`.
+
+The commit protocol (docs/queue.md):
+1. The session spools the body (small: in memory; large: a file it fsyncs).
+2. `enqueue()` writes the message, its recipients and the body in ONE
+   transaction, batched with other sessions' enqueues (group commit), and
+   returns only when that transaction is durable. Only then does the caller
+   answer "250 2.0.0 queued as ID". If it raises, the caller answers 451.
+3. Until that commit nothing of the message is visible to `claim_due`.
+4. Delivery claims recipients under a lease (owner + token + expiry). A claim
+   whose lease expired (the worker died) is claimable again: at worst a
+   message is delivered twice, never lost.
+5. `record()` applies outcomes only where the lease token still matches
+   (fencing): a late worker cannot overwrite a newer outcome. A message whose
+   recipients are all final is removed with its body, in the same transaction.
+
+Times are passed in (`now`), never read from a clock inside the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from gannet.queue.model import (
+    Claim,
+    NewMessage,
+    QueuedMessageView,
+    QueueFilter,
+    RecipientOutcome,
+    Transport,
+)
+
+
+class QueueStore(Protocol):
+    async def open(self) -> None:
+        """Create or migrate the schema; recover from a crash (quarantine what is unreadable)."""
+
+    async def close(self) -> None:
+        """Flush pending writes and release the database."""
+
+    async def enqueue(self, message: NewMessage) -> None:
+        """Durably store `message` (group-committed). Raises QueueError on failure."""
+
+    async def claim_due(
+        self,
+        now: float,
+        *,
+        limit: int,
+        lease_seconds: float,
+        owner: str,
+        transport: Transport | None = None,
+    ) -> list[Claim]:
+        """Lease up to `limit` due recipients (next_attempt <= now, not held, not
+        final, lease free or expired), grouped by message. Oldest due first."""
+
+    async def read_body(self, queue_id: str) -> bytes:
+        """The stored message content (CRLF line endings), Received header included."""
+
+    async def record(
+        self, outcomes: Sequence[RecipientOutcome], enqueue: Sequence[NewMessage] = ()
+    ) -> list[str]:
+        """Apply attempt outcomes (fenced by lease token) and enqueue follow-up
+        messages (DSNs) in the same transaction. Returns the queue IDs of the
+        messages that became complete (and were removed)."""
+
+    async def next_due(self, transport: Transport | None = None) -> float | None:
+        """Earliest next_attempt of a claimable recipient, or None if none waits."""
+
+    async def list_messages(self, filter: QueueFilter | None = None) -> list[QueuedMessageView]:
+        """Messages still in the queue, oldest first, without history."""
+
+    async def get_message(self, queue_id: str) -> QueuedMessageView:
+        """One message with its history. Raises NoSuchMessage."""
+
+    async def hold(self, queue_id: str, now: float) -> None: ...
+
+    async def release(self, queue_id: str, now: float) -> None: ...
+
+    async def retry(self, queue_id: str | None, now: float) -> int:
+        """Make deferred recipients of one message (or all, for None) due now.
+        Returns how many recipients were touched."""
+
+    async def delete(self, queue_id: str, now: float) -> None:
+        """Remove a message and its body without delivering it."""

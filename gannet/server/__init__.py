@@ -1,0 +1,1 @@
+"""The asyncio shell for inbound mail: listeners, sessions, TLS, AUTH."""

@@ -1,0 +1,49 @@
+"""What every session shares: config, queue store, recipient table, TLS, AUTH.
+
+One `Services` object per running server. Reload (SIGHUP) swaps `config`,
+`recipients` and `tls_context` between sessions; a session reads them once,
+when it starts, so it keeps one consistent view for its whole life.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gannet.clock import Clock
+from gannet.config import Config
+from gannet.policy.recipients import RecipientTable
+from gannet.queue.store import QueueStore
+from gannet.server.auth import PasswordVerifier
+
+
+@dataclass(slots=True)
+class Counters:
+    """Process-wide counts, read by logs and (later) /metrics."""
+
+    sessions_open: int = 0
+    sessions_total: int = 0
+    messages_accepted: int = 0
+    messages_refused: int = 0
+    auth_failures: int = 0
+
+
+@dataclass(slots=True)
+class Services:
+    config: Config
+    store: QueueStore
+    recipients: RecipientTable
+    verifier: PasswordVerifier
+    tls_context: ssl.SSLContext | None
+    clock: Clock
+    on_enqueued: Callable[[], None] = lambda: None
+    refresh_recipients: Callable[[], RecipientTable] | None = None
+    counters: Counters = field(default_factory=Counters)
+    shutting_down: bool = False
+
+    def current_recipients(self) -> RecipientTable:
+        """The recipient table as of now (the users file may have changed)."""
+        if self.refresh_recipients is not None:
+            self.recipients = self.refresh_recipients()
+        return self.recipients

@@ -1,0 +1,455 @@
+"""One inbound SMTP/LMTP session: the only loop that joins bytes, protocol and policy.
+
+    read → conn.receive_data → conn.next_event → (policy | spool | queue) → conn.send
+
+The protocol core (`gannet.smtp.ServerConnection`) decides everything that is
+pure protocol: syntax, command order, limits, the end of DATA. This module
+adds what needs the world: who the client is, relay and recipient rules,
+passwords, the body spool, the durable enqueue and the log. Replies are
+written when the core has no more buffered input (RFC 2920 lets a server
+hold replies to pipelined commands until then), so a pipelined group costs
+one write.
+
+Never answers 250 to the end of data before `store.enqueue()` returned (the
+message is durable). Never lets an exception from the network escape: any
+unexpected error ends the session with 421 and a log line, and whatever was
+not acknowledged is simply not queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gannet import maillog
+from gannet.config import BareNewlinePolicy, Listener, ListenMode
+from gannet.message import headers
+from gannet.message.spool import BodySpool
+from gannet.policy.recipients import Destination
+from gannet.policy.relay import RcptFacts, is_trusted, rcpt_verdict, sender_verdict
+from gannet.policy.verdict import Accept
+from gannet.queue.ids import new_queue_id
+from gannet.queue.model import Body, NewMessage, NewRecipient, QueueError
+from gannet.server.services import Services
+from gannet.server.tls import describe
+from gannet.server.wire import Wire
+from gannet.smtp import events as ev
+from gannet.smtp import replies as R
+from gannet.smtp.replies import Reply
+from gannet.smtp.server import BareNewline, ServerConnection, ServerOptions
+
+log = logging.getLogger("gannet.session")
+
+# Postfix's names in the "disconnect from" line, so log tools carry over.
+_COUNT_NAMES: dict[type[ev.Event], str] = {ev.MailFrom: "mail", ev.RcptTo: "rcpt"}
+
+R421_INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection")
+
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+@dataclass(slots=True)
+class Transaction:
+    """What RSET clears (aiosmtpd PR #39's rule): one MAIL … DATA exchange."""
+
+    mail: ev.MailFrom
+    recipients: list[tuple[ev.RcptTo, list[Destination]]] = field(default_factory=list)
+    queue_id: str = ""
+    spool: BodySpool | None = None
+    message_id: str = ""
+
+    def discard(self) -> None:
+        if self.spool is not None:
+            self.spool.discard()
+            self.spool = None
+
+
+class Session:
+    """One connection's life. Create, then `await run()`."""
+
+    def __init__(self, services: Services, listener: Listener, wire: Wire, *, implicit_tls: bool) -> None:
+        self.services = services
+        self.config = services.config  # one consistent view for the whole session
+        self.recipient_table = services.current_recipients()
+        self.listener = listener
+        self.wire = wire
+        self.session_id = new_queue_id()
+        self.client_ip, self.client_port = wire.peername()
+        self.client = f"[{self.client_ip}]:{self.client_port}"
+        self.trusted = is_trusted(self.client_ip, self.config.relay.trusted_networks)
+        self.loopback = _is_loopback(self.client_ip)
+        self.tls_version = ""
+        self.tls_text = ""
+        if implicit_tls:
+            self.tls_version, self.tls_text = describe(wire.ssl_object)
+        self.conn = ServerConnection(self._options(tls=implicit_tls))
+        self.txn: Transaction | None = None
+        self.counts: Counter[str] = Counter()
+        self.started = time.monotonic()
+        self._out: list[bytes] = []
+        self._closing = False
+        self._waiting_for_command = False
+        self._handlers: dict[type[ev.Event], Callable[..., object]] = {
+            ev.Helo: self.on_helo,
+            ev.Ehlo: self.on_ehlo,
+            ev.MailFrom: self.on_mail,
+            ev.RcptTo: self.on_rcpt,
+            ev.Data: self.on_data,
+            ev.Rset: self.on_rset,
+            ev.Noop: lambda e: R.R250_OK,
+            ev.Vrfy: lambda e: R.R252_CANNOT_VRFY,
+            ev.Help: lambda e: R.R214_HELP,
+            ev.Quit: lambda e: R.R221_BYE,
+        }
+
+    # -- options ----------------------------------------------------------------
+    def _options(self, *, tls: bool) -> ServerOptions:
+        mode = self.listener.mode
+        smtp = self.config.smtp
+        has_tls = self.services.tls_context is not None
+        submission = mode in (ListenMode.SUBMISSION, ListenMode.SUBMISSIONS)
+        # AUTH only over TLS (RFC 4954 §4), except loopback on mx (local tools, tests).
+        auth = mode != ListenMode.LMTP and (tls or (mode == ListenMode.MX and self.loopback))
+        return ServerOptions(
+            hostname=self.config.hostname,
+            lmtp=mode == ListenMode.LMTP,
+            max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients,
+            max_errors=smtp.max_errors,
+            bare_newline=BareNewline(smtp.bare_newline.value)
+            if smtp.bare_newline is BareNewlinePolicy.NORMALIZE
+            else BareNewline.REJECT,
+            starttls=has_tls and not tls and mode != ListenMode.SUBMISSIONS,
+            auth=auth,
+            auth_required=submission,
+            tls_required=submission and not tls,
+        )
+
+    # -- the loop -----------------------------------------------------------------
+    async def run(self) -> None:
+        counters = self.services.counters
+        counters.sessions_open += 1
+        counters.sessions_total += 1
+        maillog.connect(self.session_id, self.client, self.listener.address)
+        try:
+            await self._loop()
+        except (ConnectionError, OSError) as exc:
+            log.info("session %s: connection error from %s: %s", self.session_id, self.client, exc)
+        except Exception:
+            log.exception("session %s: internal error; closing with 421", self.session_id)
+            if not self.conn.closed:
+                self._write(self.conn.close_with(R421_INTERNAL_ERROR))
+        finally:
+            if self.txn is not None:
+                self.txn.discard()
+            self._flush()
+            self.wire.close()
+            counters.sessions_open -= 1
+            counters_text = dict(self.counts)
+            maillog.disconnect(self.session_id, self.client, counters_text, time.monotonic() - self.started)
+
+    async def _loop(self) -> None:
+        conn = self.conn
+        if self.services.counters.sessions_open > self.config.smtp.max_sessions:
+            self._write(conn.send(R.R421_TOO_BUSY.with_text(f"{self.config.hostname} too many connections")))
+            return
+        self._write(conn.send(Reply(220, "", f"{self.config.hostname} ESMTP Gannet")))
+        while not conn.closed:
+            event = conn.next_event()
+            if event is ev.NEED_DATA:
+                if self._closing:
+                    self._write(conn.close_with(R.R421_SHUTTING_DOWN))
+                    return
+                self._flush()
+                await self.wire.drain()
+                data = await self._read()
+                if data is None:
+                    return
+                conn.receive_data(data)
+                continue
+            if event is ev.PAUSED:  # only after STARTTLS, handled in on_starttls
+                raise RuntimeError("protocol core paused unexpectedly")
+            await self._dispatch(event)
+
+    async def _read(self) -> bytes | None:
+        in_body = self.txn is not None and self.txn.spool is not None
+        timeout = self.config.smtp.data_timeout if in_body else self.config.smtp.idle_timeout
+        self._waiting_for_command = not in_body and self.txn is None
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.wire.read()
+        except TimeoutError:
+            log.info("session %s: idle timeout after %.0fs from %s", self.session_id, timeout, self.client)
+            self._write(self.conn.close_with(R.R421_TIMEOUT))
+            return None
+        finally:
+            self._waiting_for_command = False
+
+    async def _dispatch(self, event: ev.Event | ev.Sentinel) -> None:
+        conn = self.conn
+        match event:
+            case ev.BodyChunk(data=data):
+                if self.txn is not None and self.txn.spool is not None:
+                    self.txn.spool.write(data)
+            case ev.Bdat():
+                self.counts["bdat"] += 1
+                self._open_spool()
+            case ev.EndOfChunk(size=size):
+                self._write(conn.send(Reply(250, "2.0.0", f"{size} octets received")))
+            case ev.EndOfData():
+                for reply in await self.on_end_of_data():
+                    self._write(conn.send(reply))
+            case ev.MessageRefused(reply=reply):
+                self._end_transaction()
+                self.services.counters.messages_refused += 1
+                maillog.rejected(self.session_id, self.client, "DATA", reply)
+                self._write(conn.send(reply))
+            case ev.CommandError(reply=reply, reason=reason):
+                self.counts["error"] += 1
+                maillog.rejected(self.session_id, self.client, "command", reply, reason)
+                self._write(conn.send(reply))
+            case ev.AuthChallenge(reply=reply):
+                self._write(conn.send(reply))
+            case ev.Credentials():
+                self.counts["auth"] += 1
+                self._write(conn.send(await self.on_credentials(event)))
+            case ev.StartTls():
+                self.counts["starttls"] += 1
+                await self.on_starttls()
+            case ev.ConnectionClosed():
+                return
+            case _:
+                self.counts[_COUNT_NAMES.get(type(event), type(event).__name__.lower())] += 1
+                handler = self._handlers.get(type(event))
+                reply = handler(event) if handler else R.R502_NOT_IMPLEMENTED
+                assert isinstance(reply, Reply)
+                self._write(conn.send(reply))
+
+    # -- command handlers ------------------------------------------------------------
+    def on_helo(self, event: ev.Helo) -> Reply:
+        self._end_transaction()
+        return Reply(250, "", f"{self.config.hostname}")
+
+    def on_ehlo(self, event: ev.Ehlo) -> Reply:
+        self._end_transaction()
+        return self.conn.ehlo_reply()
+
+    def on_rset(self, event: ev.Rset) -> Reply:
+        self._end_transaction()
+        return R.R250_RESET
+
+    def on_mail(self, event: ev.MailFrom) -> Reply:
+        user = self.conn.authenticated
+        if user is not None:
+            verdict = sender_verdict(self.recipient_table, user, event.address)
+            if not isinstance(verdict, Accept):
+                maillog.rejected(
+                    self.session_id, self.client, "MAIL", verdict.reply, verdict.reason, sender=event.address
+                )
+                return verdict.reply
+        self.txn = Transaction(mail=event)
+        return R.R250_SENDER_OK
+
+    def on_rcpt(self, event: ev.RcptTo) -> Reply:
+        assert self.txn is not None, "the core emits RcptTo only after an accepted MAIL"
+        facts = RcptFacts(self.client_ip, self.conn.authenticated is not None, self.trusted)
+        verdict, destinations = rcpt_verdict(self.recipient_table, facts, event.address)
+        if not isinstance(verdict, Accept):
+            maillog.rejected(
+                self.session_id,
+                self.client,
+                "RCPT",
+                verdict.reply,
+                verdict.reason,
+                sender=self.txn.mail.address,
+                recipient=event.address,
+            )
+            return verdict.reply
+        self.txn.recipients.append((event, destinations))
+        return R.R250_RCPT_OK
+
+    def on_data(self, event: ev.Data) -> Reply:
+        if self.txn is None or not self.txn.recipients:
+            return R.R554_NO_VALID_RECIPIENTS
+        self._open_spool()
+        return R.R354_START_INPUT
+
+    def _open_spool(self) -> None:
+        txn = self.txn
+        if txn is None or txn.spool is not None:
+            return
+        txn.queue_id = new_queue_id()
+        spool_dir = self.config.data_dir / "spool"
+        txn.spool = BodySpool(spool_dir, txn.queue_id, self.config.queue.inline_body_limit, self._prefix)
+
+    def _prefix(self, facts: headers.HeaderFacts) -> bytes:
+        """Gannet's lines above the message: Received, and on submission the missing
+        Message-ID and Date (RFC 6409 §8.2, §8.3)."""
+        txn = self.txn
+        assert txn is not None
+        now = self.services.clock.now()
+        rcpts = txn.recipients
+        info = headers.ReceivedInfo(
+            helo=self.conn.helo_name or "",
+            client_host="",
+            client_ip=self.client_ip,
+            by=self.config.hostname,
+            protocol=self._protocol_name(),
+            queue_id=txn.queue_id,
+            recipient=rcpts[0][0].address if len(rcpts) == 1 else None,
+            tls=self.tls_text,
+        )
+        out = headers.received_header(info, now)
+        txn.message_id = facts.message_id
+        if self.listener.mode in (ListenMode.SUBMISSION, ListenMode.SUBMISSIONS) and facts.complete:
+            if not facts.has_message_id:
+                txn.message_id = headers.message_id(txn.queue_id, self.config.hostname, now)
+                out += f"Message-ID: {txn.message_id}\r\n".encode()
+            if not facts.has_date:
+                out += f"Date: {headers.rfc5322_date(now)}\r\n".encode()
+        return out
+
+    def _protocol_name(self) -> str:
+        mail = self.txn.mail if self.txn else None
+        return headers.with_protocol(
+            esmtp=self.conn.esmtp,
+            tls=bool(self.tls_version),
+            auth=self.conn.authenticated is not None,
+            smtputf8=bool(mail and mail.smtputf8),
+            lmtp=self.listener.mode == ListenMode.LMTP,
+        )
+
+    async def on_end_of_data(self) -> list[Reply]:
+        txn = self.txn
+        assert txn is not None and txn.spool is not None
+        n_replies = len(txn.recipients) if self.listener.mode == ListenMode.LMTP else 1
+        spool = txn.spool
+        if spool.facts.received_count > headers.MAX_RECEIVED:
+            reply = Reply(554, "5.4.6", "Too many hops (Received headers): mail loop?")
+            maillog.rejected(
+                self.session_id, self.client, "DATA", reply, "mail loop", sender=txn.mail.address
+            )
+            self._end_transaction()
+            return [reply] * n_replies
+        try:
+            body = await spool.finish()
+            message = self._new_message(txn, body)
+            await self.services.store.enqueue(message)
+        except (QueueError, OSError) as exc:
+            log.error("%s: could not queue the message from %s: %s", txn.queue_id, self.client, exc)
+            self._end_transaction()
+            return [R.R451_LOCAL_ERROR] * n_replies
+        txn.spool = None  # the store owns the body now
+        self.services.counters.messages_accepted += 1
+        maillog.queued(
+            txn.queue_id,
+            txn.mail.address,
+            body.size,
+            (r.address for r, _ in txn.recipients),
+            self.client,
+            self.tls_version,
+            self.conn.authenticated or "",
+            txn.message_id,
+        )
+        self.services.on_enqueued()
+        queue_id = txn.queue_id
+        self._end_transaction()
+        return [R.queued(queue_id)] * n_replies
+
+    def _new_message(self, txn: Transaction, body: Body) -> NewMessage:
+        recipients = []
+        seen: set[tuple[str, str]] = set()
+        for rcpt, destinations in txn.recipients:
+            for d in destinations:
+                key = (d.address.lower(), d.mailbox)
+                if key in seen:  # an alias and its target both given: deliver once
+                    continue
+                seen.add(key)
+                recipients.append(
+                    NewRecipient(
+                        address=d.address,
+                        transport=d.transport,
+                        domain=d.domain,
+                        mailbox=d.mailbox,
+                        original=rcpt.address if rcpt.address != d.address else "",
+                        orcpt=rcpt.orcpt,
+                        notify=rcpt.notify.value if rcpt.notify is not None else None,
+                    )
+                )
+        mail = txn.mail
+        return NewMessage(
+            queue_id=txn.queue_id,
+            sender=mail.address,
+            recipients=tuple(recipients),
+            body=body,
+            received_at=self.services.clock.now(),
+            envid=mail.envid,
+            ret=mail.ret.value if mail.ret else None,
+            smtputf8=mail.smtputf8,
+            body_8bit=mail.body is ev.BodyType.EIGHT_BIT_MIME,
+            client=f"{self.conn.helo_name or ''} {self.client}".strip(),
+            auth_user=self.conn.authenticated or "",
+            message_id=txn.message_id,
+        )
+
+    async def on_credentials(self, event: ev.Credentials) -> Reply:
+        username = event.username
+        if event.authzid and event.authzid.lower() != username.lower():
+            ok = False  # acting as someone else is not supported
+        else:
+            ok = await self.services.verifier.verify(username, event.password)
+        if not ok:
+            self.services.counters.auth_failures += 1
+            maillog.auth_failed(self.session_id, self.client, username, event.mechanism)
+            return R.R535_AUTH_FAILED
+        return R.R235_AUTH_OK
+
+    async def on_starttls(self) -> None:
+        ctx = self.services.tls_context
+        if ctx is None:  # the core only emits StartTls when offered; belt and braces
+            self._write(self.conn.send(R.R454_TLS_UNAVAILABLE))
+            return
+        self._write(self.conn.send(R.R220_GO_AHEAD_TLS))
+        self._flush()
+        self._end_transaction()
+        self.conn.start_tls()  # RFC 3207 §4.2: forget everything, including buffered input
+        await self.wire.start_tls(ctx, TLS_HANDSHAKE_TIMEOUT)
+        self.tls_version, self.tls_text = describe(self.wire.ssl_object)
+        self.conn.options = self._options(tls=True)
+
+    # -- plumbing ------------------------------------------------------------------
+    def _end_transaction(self) -> None:
+        if self.txn is not None:
+            self.txn.discard()
+            self.txn = None
+
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        if self._out:
+            self.wire.write(b"".join(self._out))
+            self._out.clear()
+
+    def request_close(self) -> None:
+        """Graceful shutdown: end the session at the next point where no message is
+        in flight (a transaction in progress is allowed to finish)."""
+        self._closing = True
+        if self._waiting_for_command and not self.conn.closed:
+            self.wire.write(self.conn.close_with(R.R421_SHUTTING_DOWN))
+            self.wire.close()
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback

@@ -1,0 +1,1 @@
+"""Generic, mail-agnostic helpers (files, buffers). Imports nothing from Gannet."""

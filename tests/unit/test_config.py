@@ -1,0 +1,140 @@
+"""Config: good files load with defaults; every bad one names file, key and reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gannet import cli
+from gannet.config import BareNewlinePolicy, ConfigError, ListenMode, load
+
+BASE = """
+hostname = "mx.example.test"
+[[listen]]
+address = "127.0.0.1:2525"
+mode = "mx"
+[relay]
+local_domains = ["Example.TEST"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gannet.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, BASE))
+    assert cfg.hostname == "mx.example.test"
+    assert cfg.data_dir == tmp_path / "var"
+    assert cfg.queue.sqlite_path == tmp_path / "var" / "queue.db"
+    assert cfg.listen[0].mode is ListenMode.MX and cfg.listen[0].port == 2525
+    assert cfg.relay.local_domains == ("example.test",)
+    assert [str(n) for n in cfg.relay.trusted_networks] == ["127.0.0.0/8", "::1/128"]
+    assert cfg.mailboxes.maildir == str(tmp_path / "var" / "mail" / "{domain}" / "{user}")
+    assert cfg.mailboxes.users_file == tmp_path / "var" / "users"
+    assert cfg.delivery.retry == (60, 300, 900, 1800, 3600, 7200, 14400)
+    assert cfg.delivery.give_up_after == 5 * 86400
+    assert cfg.smtp.max_message_size == 50 * 1024 * 1024
+    assert cfg.smtp.bare_newline is BareNewlinePolicy.REJECT
+    assert cfg.postmaster == "postmaster@example.test"
+
+
+def test_durations_sizes_and_ipv6_listeners(tmp_path: Path) -> None:
+    cfg = load(
+        write(
+            tmp_path,
+            BASE
+            + """
+[[listen]]
+address = "[::1]:2526"
+mode = "lmtp"
+[delivery]
+retry = ["30s", "1.5m", "2h"]
+give_up_after = "1d"
+[smtp]
+max_message_size = "10M"
+bare_newline = "normalize"
+""",
+        )
+    )
+    assert cfg.listen[1].host == "::1" and cfg.listen[1].mode is ListenMode.LMTP
+    assert cfg.delivery.retry == (30, 90, 7200)
+    assert cfg.delivery.give_up_after == 86400
+    assert cfg.smtp.max_message_size == 10 * 1024 * 1024
+    assert cfg.smtp.bare_newline is BareNewlinePolicy.NORMALIZE
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "reason"),
+    [
+        ('[[listen]]\naddress = "127.0.0.1:2527"\nmode = "smtps"\n', "listen[1].mode", "not allowed"),
+        ('[[listen]]\naddress = "localhost"\n', "listen[1].address", "not an address"),
+        ('[[listen]]\naddress = "127.0.0.1:2525"\n', "listen[1].address", "listed twice"),
+        ('[delivery]\nretry = ["5 minutes"]\n', "delivery.retry[0]", "not a duration"),
+        ("[delivery]\nport = 70000\n", "delivery.port", "out of range"),
+        ('[smtp]\nmax_recipients = "many"\n', "smtp.max_recipients", "must be an integer"),
+        ('[smtp]\ncolour = "blue"\n', "smtp.colour", "unknown key"),
+        ("[relay2]\n", "relay2", "unknown key"),
+        ('[tls]\ncert = "c.pem"\n', "tls.key", "together"),
+        ('[queue]\nurl = "mysql://x"\n', "queue.url", "not a queue URL"),
+        (
+            '[mailboxes]\naliases = { "a@other.test" = ["b@example.test"] }\n',
+            "mailboxes.aliases",
+            "local_domains",
+        ),
+        ('[mailboxes]\nmaildir = "var/{mailbox}"\n', "mailboxes.maildir", "placeholder"),
+        ("[relay]\n", "", "not valid TOML"),  # the table is defined twice
+    ],
+)
+def test_each_error_names_file_key_and_reason(tmp_path: Path, extra: str, key: str, reason: str) -> None:
+    path = write(tmp_path, BASE + extra)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    err = info.value
+    assert err.file == str(path)
+    assert err.key.startswith(key)
+    assert reason in str(err)
+
+
+def test_submission_without_tls_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + '[[listen]]\naddress = "127.0.0.1:2587"\nmode = "submission"\n')
+    with pytest.raises(ConfigError, match=r"listen\[1\]\.mode: submission needs TLS"):
+        load(path)
+
+
+def test_missing_hostname_and_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="hostname: is required"):
+        load(write(tmp_path, "data_dir = 'x'\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "absent.toml")
+
+
+def test_testing_keys_are_accepted_with_a_warning(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, BASE + "[smtp]\ntesting_fast = true\n"))
+    assert any("testing" in w for w in cfg.warnings)
+
+
+def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write(tmp_path, BASE)
+    assert cli.main(["check-config", "--config", str(good)]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE + "[smtp]\nmax_errors = 0\n")
+    assert cli.main(["check-config", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "smtp.max_errors" in err and "out of range" in err
+
+
+def test_config_file_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gannet.config import find_config_file
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GANNET_CONFIG", raising=False)
+    assert find_config_file("x.toml") == Path("x.toml")
+    monkeypatch.setenv("GANNET_CONFIG", "/somewhere/g.toml")
+    assert find_config_file(None) == Path("/somewhere/g.toml")
+    monkeypatch.delenv("GANNET_CONFIG")
+    write(tmp_path, BASE)
+    assert find_config_file(None) == Path("gannet.toml")
