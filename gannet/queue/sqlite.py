@@ -1,0 +1,228 @@
+"""SqliteStore: the embedded QueueStore (one SQLite file in WAL mode + a spool directory).
+
+Owns: the store object the rest of Gannet holds. It implements
+`gannet.queue.store.QueueStore`; callers are the SMTP session (enqueue), the
+delivery scheduler (claim_due, read_body, record, next_due) and the admin
+tools (list, show, hold, release, retry, delete), all on the asyncio loop.
+
+Threads: no SQLite call ever runs on the event loop. Each method wraps its
+work in a Job for the single writer thread (sqlite_writer), which owns the
+only connection and commits jobs in batches (group commit): while one batch
+is being fsync'd the next one gathers, so fifty sessions that finish DATA
+together cost a handful of fsyncs, not fifty. A method returns only after the
+COMMIT of its batch returned. Spooled body files are read in the default
+executor, never on the loop nor on the writer thread.
+
+On disk (see docs/queue.md and sqlite_schema):
+  <path>, <path>-wal, <path>-shm   the database (schema in sqlite_schema)
+  <spool_dir>/…                    large bodies, written and fsync'd by the
+                                   session before enqueue; the store keeps the
+                                   file where it is and records its path
+                                   relative to spool_dir; it removes the file
+                                   after the COMMIT that removed the message.
+
+Invariants: see store.py's commit protocol. In short: enqueue returns only
+when durable, nothing is claimable before that; leases fence record(); a
+message leaves the store in the same transaction as its last final outcome.
+
+Several SqliteStore objects may open the same files (say, the CLI while the
+server runs): SQLite's locking keeps them consistent. Crash recovery at open
+(`recover=True`, the default) removes unnamed spool files and releases every
+lease, on the grounds that the opener is the one process delivering from this
+database; so exactly one process (the server) opens with recover=True, and
+any other (the CLI) with recover=False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gannet.queue import sqlite_ops as ops
+from gannet.queue import sqlite_recovery as recovery
+from gannet.queue import sqlite_views as views
+from gannet.queue.model import (
+    Claim,
+    NewMessage,
+    QueuedMessageView,
+    QueueError,
+    QueueFilter,
+    RecipientOutcome,
+    SpooledBody,
+    Transport,
+)
+from gannet.queue.sqlite_schema import connect
+from gannet.queue.sqlite_writer import Job, Writer, WriterStats
+
+log = logging.getLogger("gannet.queue")
+T = TypeVar("T")
+
+
+class SqliteStore:
+    """QueueStore on SQLite. Construct, `await open()`, use, `await close()`."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        spool_dir: Path,
+        node: str = "local",
+        clock: Callable[[], float] = time.time,
+        recover: bool = True,
+        max_batch: int = 512,
+    ) -> None:
+        """`clock` is read only to date crash-recovery events (open() has no `now`).
+        `max_batch` bounds how many requests one transaction carries."""
+        self.path = Path(path).absolute()
+        self.spool_dir = Path(spool_dir).absolute()
+        if self.path.is_relative_to(self.spool_dir):
+            # Recovery removes unknown files under spool_dir: never the database.
+            raise ValueError(f"the queue database {self.path} must not be inside {self.spool_dir}")
+        self._ctx = ops.Ctx(self.spool_dir, node, clock)
+        self._recover = recover
+        self._max_batch = max_batch
+        self._writer: Writer | None = None
+        self._closing = False
+        self._stats = WriterStats()  # kept across close/open
+        # Built once: the writer combines consecutive jobs whose `bulk` is the same object.
+        self._enqueue_many = partial(ops.enqueue_many, self._ctx)
+
+    @property
+    def stats(self) -> WriterStats:
+        """Writer counters (batches, commits, jobs, cpu_seconds) for tests and metrics."""
+        return self._stats
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            raise QueueError("the queue store is already open")
+        writer = Writer(
+            partial(connect, self.path),
+            max_batch=self._max_batch,
+            name=str(self.path),
+            stats=self._stats,
+        )
+        writer.start()
+        self._writer = writer
+        self._closing = False
+        try:
+            found = await self._call(recovery.open_store, self._recover)
+        except BaseException:
+            await self.close()
+            raise
+        log.info(
+            "queue: opened %s (schema %d→current; removed %d leftover spool files; "
+            "%d messages quarantined; %d leases released)",
+            self.path,
+            found.schema_found,
+            len(found.removed_files),
+            len(found.quarantined),
+            found.released_leases,
+        )
+
+    async def close(self) -> None:
+        writer = self._writer
+        if writer is None or self._closing:
+            return
+        self._closing = True
+        writer.stop()  # the thread finishes what was submitted before this
+        await asyncio.get_running_loop().run_in_executor(None, writer.join)
+        self._writer = None
+
+    async def _call(
+        self,
+        op: Callable[..., T],
+        arg: Any,
+        bulk: Callable[..., list[Any]] | None = None,
+    ) -> T:
+        writer = self._writer
+        if writer is None or self._closing:
+            raise QueueError("the queue store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        writer.submit(Job(partial(op, self._ctx), arg, future, bulk))
+        return await future
+
+    # --- the hot path ----------------------------------------------------------
+
+    async def enqueue(self, message: NewMessage) -> None:
+        if isinstance(message.body, SpooledBody):
+            ops.spool_name(self._ctx, message.body)  # ValueError now, not in the writer
+        await self._call(ops.enqueue_one, message, self._enqueue_many)
+
+    async def claim_due(
+        self,
+        now: float,
+        *,
+        limit: int,
+        lease_seconds: float,
+        owner: str,
+        transport: Transport | None = None,
+    ) -> list[Claim]:
+        return await self._call(ops.claim_due, (now, limit, lease_seconds, owner, transport))
+
+    async def read_body(self, queue_id: str) -> bytes:
+        source = await self._call(recovery.body_source, queue_id)
+        if isinstance(source, bytes):
+            return source
+        path, size = source
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(None, path.read_bytes)
+        except OSError as exc:
+            problem = await loop.run_in_executor(None, recovery.body_file_problem, path, size)
+            if problem is not None:
+                await self._call(ops.quarantine, (queue_id, problem, self._ctx.clock()))
+            raise QueueError(f"{queue_id}: cannot read the body: {exc}") from exc
+        if len(data) != size:
+            problem = f"body file {path} has {len(data)} bytes, {size} were stored"
+            await self._call(ops.quarantine, (queue_id, problem, self._ctx.clock()))
+            raise QueueError(f"{queue_id}: {problem}")
+        return data
+
+    async def record(
+        self, outcomes: Sequence[RecipientOutcome], enqueue: Sequence[NewMessage] = ()
+    ) -> list[str]:
+        for message in enqueue:
+            if isinstance(message.body, SpooledBody):
+                ops.spool_name(self._ctx, message.body)
+        return await self._call(ops.record, (tuple(outcomes), tuple(enqueue)))
+
+    async def next_due(self, transport: Transport | None = None) -> float | None:
+        return await self._call(ops.next_due, transport)
+
+    # --- admin -------------------------------------------------------------------
+
+    async def list_messages(self, filter: QueueFilter | None = None) -> list[QueuedMessageView]:
+        return await self._call(views.list_messages, filter)
+
+    async def get_message(self, queue_id: str) -> QueuedMessageView:
+        return await self._call(views.get_message, queue_id)
+
+    async def hold(self, queue_id: str, now: float) -> None:
+        await self._call(ops.hold, (queue_id, now))
+
+    async def release(self, queue_id: str, now: float) -> None:
+        await self._call(ops.release, (queue_id, now))
+
+    async def retry(self, queue_id: str | None, now: float) -> int:
+        return await self._call(ops.retry, (queue_id, now))
+
+    async def delete(self, queue_id: str, now: float) -> None:
+        await self._call(ops.delete, (queue_id, now))
+
+    # --- tests -----------------------------------------------------------------------
+
+    async def testing_call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Test-only: run `fn(connection)` on the writer thread, inside a batch."""
+        return await self._call(_apply, fn)
+
+
+def _apply(ctx: ops.Ctx, conn: sqlite3.Connection, txn: object, fn: Callable[[Any], T]) -> T:
+    return fn(conn)

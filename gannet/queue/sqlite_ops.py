@@ -1,0 +1,388 @@
+"""The SQLite store's operations: plain synchronous functions of a connection.
+
+Owns: every SQL statement that reads or changes the queue tables (the DDL is
+in sqlite_schema). Called only by the writer thread (sqlite_writer), each call
+inside a transaction and a savepoint that the writer opened; a function here
+never begins, commits or rolls back, and never reads a clock: times arrive as
+arguments (`Ctx.clock` is used only by crash recovery, which has no caller's
+"now").
+
+Signature of every operation: `op(ctx, conn, txn, arg)`, where `arg` is the
+request (a record from gannet.queue.model, or a tuple). File removals go to
+`txn.after_commit`, so a body file disappears only once the rows that named
+it are gone for good.
+
+Recipient transitions (docs/queue.md):
+
+    queued ──claim──▶ delivering ──Delivered──▶ delivered (final)
+    deferred ─claim─▶     │      ──Deferred───▶ deferred  (next_attempt = retry_at)
+                          │      ──Failed─────▶ failed    (final)
+                          └─ lease expired ──▶ claimable again (same state)
+
+`record` applies an outcome only while the recipient is delivering under the
+lease token the outcome carries (fencing). A message whose recipients are all
+final is removed in the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from gannet.queue.model import (
+    Claim,
+    ClaimedRecipient,
+    Deferred,
+    Delivered,
+    NewMessage,
+    NoSuchMessage,
+    QueueError,
+    RecipientOutcome,
+    SpooledBody,
+    Transport,
+)
+from gannet.queue.sqlite_writer import Txn
+
+log = logging.getLogger("gannet.queue")
+
+# Recipient states as stored (RecipientState values).
+QUEUED, DEFERRED, DELIVERING = "queued", "deferred", "delivering"
+DELIVERED, FAILED = "delivered", "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Ctx:
+    spool_dir: Path
+    node: str
+    clock: Callable[[], float]
+
+
+# --- enqueue -------------------------------------------------------------------
+
+_INSERT_MESSAGE = """
+    INSERT INTO messages (queue_id, sender, received_at, size, envid, ret, smtputf8,
+        body_8bit, client, auth_user, message_id, node, spool_path, held)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_INSERT_RECIPIENT = """
+    INSERT INTO recipients (queue_id, address, transport, domain, mailbox, original, orcpt,
+        notify, state, next_attempt, parked)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)
+"""
+_INSERT_BODY = "INSERT INTO bodies (queue_id, data) VALUES (?, ?)"
+_INSERT_HISTORY = (
+    "INSERT INTO history (queue_id, at, recipient, event, detail) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def spool_name(ctx: Ctx, body: SpooledBody) -> str:
+    """The body file's path relative to the spool directory (what is stored)."""
+    if not body.path.is_absolute():
+        raise ValueError(f"a spooled body needs an absolute path: {body.path}")
+    if not body.path.is_relative_to(ctx.spool_dir) or ".." in body.path.parts:
+        raise ValueError(f"spooled body {body.path} is not inside {ctx.spool_dir}")
+    return str(body.path.relative_to(ctx.spool_dir))
+
+
+def _checked_spool_path(ctx: Ctx, m: NewMessage, body: SpooledBody) -> str:
+    spool_path = spool_name(ctx, body)
+    # The session fsync'd the file; make sure it is there and is the one it said.
+    size = os.stat(ctx.spool_dir / spool_path).st_size
+    if size != body.size:
+        raise QueueError(f"{m.queue_id}: spool file has {size} bytes, not {body.size}")
+    return spool_path
+
+
+def enqueue_many(
+    ctx: Ctx, conn: sqlite3.Connection, txn: Txn, batch: list[NewMessage]
+) -> list[None]:
+    """Insert whole messages: one executemany per table for the whole batch."""
+    messages, recipients, bodies = [], [], []
+    spool_dirs: set[Path] = set()
+    for m in batch:
+        if not m.recipients:
+            raise ValueError(f"message {m.queue_id} has no recipients")
+        spool_path = None
+        if isinstance(m.body, SpooledBody):
+            spool_path = _checked_spool_path(ctx, m, m.body)
+            spool_dirs.add(m.body.path.parent)
+        else:
+            bodies.append((m.queue_id, m.body.data))
+        # Column order: _INSERT_MESSAGE, _INSERT_RECIPIENT.
+        messages.append(
+            (m.queue_id, m.sender, m.received_at, m.body.size, m.envid, m.ret, m.smtputf8,
+             m.body_8bit, m.client, m.auth_user, m.message_id, ctx.node, spool_path, m.held)
+        )  # fmt: skip
+        held = 1 if m.held else 0
+        recipients += [
+            (m.queue_id, r.address, r.transport.value, r.domain, r.mailbox, r.original, r.orcpt,
+             r.notify, m.received_at, held)
+            for r in m.recipients
+        ]  # fmt: skip
+    if spool_dirs:
+        _fsync_dirs(spool_dirs)
+    try:
+        conn.executemany(_INSERT_MESSAGE, messages)
+    except sqlite3.IntegrityError as exc:
+        raise QueueError(f"duplicate queue ID ({exc})") from exc
+    conn.executemany(_INSERT_RECIPIENT, recipients)
+    if bodies:
+        conn.executemany(_INSERT_BODY, bodies)
+    # No "queued" history row: the messages row says when and from whom, and
+    # the views derive the event from it (a row fewer on the hot path).
+    return [None] * len(batch)
+
+
+def _fsync_dirs(directories: set[Path]) -> None:
+    """Make the spool files' directory entries durable before the COMMIT names them.
+
+    The session fsync'd each file's content; a new file's *name* is durable
+    only once its directory is fsync'd too. One fsync per directory per batch.
+    """
+    for directory in directories:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def enqueue_one(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, message: NewMessage) -> None:
+    enqueue_many(ctx, conn, txn, [message])
+
+
+# --- claim ---------------------------------------------------------------------
+
+_CLAIM_COLUMNS = """
+    SELECT id, queue_id, address, transport, domain, mailbox, original, orcpt, notify, attempts
+    FROM recipients
+"""
+# `due_at <= ?` implies `due_at IS NOT NULL`, so SQLite uses the partial indexes.
+CLAIM_SQL = _CLAIM_COLUMNS + "WHERE due_at <= ? ORDER BY due_at LIMIT ?"
+CLAIM_BY_TRANSPORT_SQL = (
+    _CLAIM_COLUMNS + "WHERE transport = ? AND due_at <= ? ORDER BY due_at LIMIT ?"
+)
+_LEASE = """
+    UPDATE recipients SET state = 'delivering', lease_owner = ?, lease_token = ?, lease_until = ?
+    WHERE id = ?
+"""
+_CLAIM_MESSAGE = """
+    SELECT sender, received_at, envid, ret, smtputf8, body_8bit, size
+    FROM messages WHERE queue_id = ?
+"""
+
+ClaimArgs = tuple[float, int, float, str, Transport | None]
+
+
+def claim_due(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: ClaimArgs) -> list[Claim]:
+    now, limit, lease_seconds, owner, transport = arg
+    if limit <= 0:
+        return []
+    if transport is None:
+        rows = conn.execute(CLAIM_SQL, (now, limit)).fetchall()
+    else:
+        rows = conn.execute(CLAIM_BY_TRANSPORT_SQL, (transport.value, now, limit)).fetchall()
+    if not rows:
+        return []
+    # One fresh token per claim: a worker that lost its lease holds an older one.
+    token = secrets.token_hex(12)
+    lease_until = now + lease_seconds
+    conn.executemany(_LEASE, [(owner, token, lease_until, row[0]) for row in rows])
+    by_message: dict[str, list[ClaimedRecipient]] = {}
+    for rid, qid, address, tr, domain, mailbox, original, orcpt, notify, attempts in rows:
+        by_message.setdefault(qid, []).append(
+            ClaimedRecipient(
+                rid,
+                address,
+                Transport(tr),
+                domain,
+                mailbox,
+                original,
+                orcpt,
+                notify,
+                attempts,
+                token,
+            )
+        )
+    claims = []
+    for qid, recipients in by_message.items():  # dicts keep the oldest-due-first order
+        sender, received_at, envid, ret, smtputf8, body_8bit, size = conn.execute(
+            _CLAIM_MESSAGE, (qid,)
+        ).fetchone()
+        claims.append(
+            Claim(
+                qid,
+                sender,
+                received_at,
+                envid,
+                ret,
+                bool(smtputf8),
+                bool(body_8bit),
+                size,
+                tuple(recipients),
+                lease_until,
+            )
+        )
+    return claims
+
+
+NEXT_DUE_SQL = "SELECT MIN(due_at) FROM recipients WHERE due_at IS NOT NULL"
+NEXT_DUE_BY_TRANSPORT_SQL = NEXT_DUE_SQL + " AND transport = ?"
+
+
+def next_due(
+    ctx: Ctx, conn: sqlite3.Connection, txn: Txn, transport: Transport | None
+) -> float | None:
+    if transport is None:
+        row = conn.execute(NEXT_DUE_SQL).fetchone()
+    else:
+        row = conn.execute(NEXT_DUE_BY_TRANSPORT_SQL, (transport.value,)).fetchone()
+    return None if row[0] is None else float(row[0])
+
+
+# --- record --------------------------------------------------------------------
+
+# Fencing: the WHERE clause is the whole rule. A stale token matches nothing.
+_FENCE = "WHERE id = ? AND lease_token = ? AND state = 'delivering' RETURNING queue_id, address"
+_CLEAR_LEASE = "lease_owner = NULL, lease_token = NULL, lease_until = NULL"
+_SET_DELIVERED = (
+    f"UPDATE recipients SET state = 'delivered', attempts = attempts + 1, {_CLEAR_LEASE} {_FENCE}"
+)
+_SET_DEFERRED = (
+    "UPDATE recipients SET state = 'deferred', attempts = attempts + 1, next_attempt = ?, "
+    f"last_error = ?, {_CLEAR_LEASE} {_FENCE}"
+)
+_SET_FAILED = (
+    "UPDATE recipients SET state = 'failed', attempts = attempts + 1, last_error = ?, "
+    f"{_CLEAR_LEASE} {_FENCE}"
+)
+_UNFINISHED = (
+    "SELECT 1 FROM recipients WHERE queue_id = ? AND state NOT IN ('delivered', 'failed') LIMIT 1"
+)
+
+RecordArgs = tuple[Sequence[RecipientOutcome], Sequence[NewMessage]]
+
+
+def record(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: RecordArgs) -> list[str]:
+    outcomes, follow_ups = arg
+    touched: dict[str, None] = {}  # message IDs in first-seen order
+    history = []
+    for o in outcomes:
+        result = o.outcome
+        if isinstance(result, Delivered):
+            event, detail = "delivered", result.detail
+            rows = conn.execute(_SET_DELIVERED, (o.recipient_id, o.lease_token)).fetchall()
+        elif isinstance(result, Deferred):
+            event, detail = "deferred", result.reason
+            params = (result.retry_at, result.reason, o.recipient_id, o.lease_token)
+            rows = conn.execute(_SET_DEFERRED, params).fetchall()
+        else:
+            event, detail = "failed", result.reason
+            params2 = (result.reason, o.recipient_id, o.lease_token)
+            rows = conn.execute(_SET_FAILED, params2).fetchall()
+        if not rows:
+            log.info("queue: outcome for recipient %d ignored: lease lost", o.recipient_id)
+            continue
+        qid, address = rows[0]
+        touched[qid] = None
+        history.append((qid, o.at, address, event, detail))
+    conn.executemany(_INSERT_HISTORY, history)
+    if follow_ups:
+        enqueue_many(ctx, conn, txn, list(follow_ups))
+    completed = [qid for qid in touched if conn.execute(_UNFINISHED, (qid,)).fetchone() is None]
+    for qid in completed:
+        remove_message(ctx, conn, txn, qid)
+    return completed
+
+
+def remove_message(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str) -> bool:
+    """Delete a message's rows; its body file goes after the commit. False if absent."""
+    row = conn.execute("SELECT spool_path FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+    if row is None:
+        return False
+    for table in ("recipients", "history", "bodies", "messages"):
+        conn.execute(f"DELETE FROM {table} WHERE queue_id = ?", (queue_id,))
+    if row[0] is not None:
+        txn.after_commit.append(partial(_unlink, ctx.spool_dir / row[0]))
+    return True
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# --- admin actions ---------------------------------------------------------------
+
+
+def _flags(conn: sqlite3.Connection, queue_id: str) -> tuple[bool, bool]:
+    row = conn.execute(
+        "SELECT held, quarantined FROM messages WHERE queue_id = ?", (queue_id,)
+    ).fetchone()
+    if row is None:
+        raise NoSuchMessage(queue_id)
+    return bool(row[0]), bool(row[1])
+
+
+def _set_held(conn: sqlite3.Connection, queue_id: str, held: bool, quarantined: bool) -> None:
+    conn.execute("UPDATE messages SET held = ? WHERE queue_id = ?", (held, queue_id))
+    conn.execute(
+        "UPDATE recipients SET parked = ? WHERE queue_id = ?", (held or quarantined, queue_id)
+    )
+
+
+def hold(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, float]) -> None:
+    queue_id, now = arg
+    held, quarantined = _flags(conn, queue_id)
+    if not held:
+        _set_held(conn, queue_id, True, quarantined)
+        conn.execute(_INSERT_HISTORY, (queue_id, now, "", "held", ""))
+
+
+def release(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, float]) -> None:
+    queue_id, now = arg
+    held, quarantined = _flags(conn, queue_id)
+    if held:
+        _set_held(conn, queue_id, False, quarantined)
+        conn.execute(_INSERT_HISTORY, (queue_id, now, "", "released", ""))
+
+
+def retry(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str | None, float]) -> int:
+    queue_id, now = arg
+    sql = "UPDATE recipients SET next_attempt = MIN(next_attempt, ?) WHERE state = 'deferred'"
+    if queue_id is None:
+        rows = conn.execute(sql + " RETURNING queue_id", (now,)).fetchall()
+    else:
+        _flags(conn, queue_id)
+        rows = conn.execute(
+            sql + " AND queue_id = ? RETURNING queue_id", (now, queue_id)
+        ).fetchall()
+    messages = dict.fromkeys(row[0] for row in rows)
+    conn.executemany(_INSERT_HISTORY, [(qid, now, "", "retry", "") for qid in messages])
+    return len(rows)
+
+
+def delete(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, float]) -> None:
+    queue_id, _now = arg
+    if not remove_message(ctx, conn, txn, queue_id):
+        raise NoSuchMessage(queue_id)
+
+
+def quarantine(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, str, float]) -> None:
+    """Park a message whose body cannot be read: never claimed, never deleted here."""
+    queue_id, reason, at = arg
+    _held, quarantined = _flags(conn, queue_id)
+    if quarantined:
+        return
+    conn.execute("UPDATE messages SET quarantined = 1 WHERE queue_id = ?", (queue_id,))
+    conn.execute("UPDATE recipients SET parked = 1 WHERE queue_id = ?", (queue_id,))
+    conn.execute(_INSERT_HISTORY, (queue_id, at, "", "quarantined", reason))
+    log.error("queue: %s quarantined: %s", queue_id, reason)

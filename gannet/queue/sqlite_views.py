@@ -1,0 +1,123 @@
+"""The SQLite store's read-only views for `gannet queue list/show` and the admin API.
+
+Owns: the SELECTs that build QueuedMessageView. Called only by the writer
+thread (sqlite_writer) through SqliteStore.list_messages/get_message, inside
+the writer's transaction, so a view never shows uncommitted work to anyone
+before the batch that contains it has committed.
+
+A recipient's `state` is the stored one (a held message's recipients keep
+theirs; `QueuedMessageView.held` says the message is held). `next_attempt` is
+shown only for queued/deferred recipients.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from gannet.queue.model import (
+    HistoryEntry,
+    NoSuchMessage,
+    QueuedMessageView,
+    QueueFilter,
+    RecipientState,
+    RecipientView,
+)
+from gannet.queue.sqlite_ops import DEFERRED, QUEUED, Ctx
+from gannet.queue.sqlite_writer import Txn
+
+_MESSAGE_VIEW = """
+    SELECT queue_id, sender, size, received_at, held, client, auth_user, message_id, envid, ret,
+        quarantined
+    FROM messages m
+"""
+_RECIPIENT_VIEW = """
+    SELECT id, address, state, attempts, next_attempt, last_error, original
+    FROM recipients WHERE queue_id = ? ORDER BY id
+"""
+_HISTORY_VIEW = """
+    SELECT at, recipient, event, detail FROM history WHERE queue_id = ? ORDER BY at, id
+"""
+
+
+def _where(f: QueueFilter) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    some_recipient = "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND {})"
+    if f.sender is not None:
+        clauses.append("m.sender = ? COLLATE NOCASE")
+        params.append(f.sender)
+    if f.recipient is not None:
+        clauses.append(some_recipient.format("r.address = ? COLLATE NOCASE"))
+        params.append(f.recipient)
+    if f.domain is not None:
+        clauses.append(some_recipient.format("r.domain = ?"))
+        params.append(f.domain.lower())
+    if f.state is not None:
+        clauses.append(some_recipient.format("r.state = ?"))
+        params.append(f.state.value)
+    if f.held is not None:
+        clauses.append("m.held = ?")
+        params.append(int(f.held))
+    if f.quarantined is not None:
+        clauses.append("m.quarantined = ?")
+        params.append(int(f.quarantined))
+    if f.older_than is not None:
+        clauses.append("m.received_at < ?")
+        params.append(f.older_than)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _view(conn: sqlite3.Connection, row: tuple[Any, ...], history: bool) -> QueuedMessageView:
+    qid, sender, size, received_at, held, client, auth_user, message_id, envid, ret, quar = row
+    recipients = tuple(
+        RecipientView(
+            rid,
+            address,
+            RecipientState(state),
+            attempts,
+            next_attempt if state in (QUEUED, DEFERRED) else None,
+            last_error,
+            original,
+        )
+        for rid, address, state, attempts, next_attempt, last_error, original in conn.execute(
+            _RECIPIENT_VIEW, (qid,)
+        )
+    )
+    events: tuple[HistoryEntry, ...] = ()
+    if history:
+        queued = HistoryEntry(received_at, "", "queued", client)  # derived, not stored
+        events = (queued, *(HistoryEntry(*h) for h in conn.execute(_HISTORY_VIEW, (qid,))))
+    return QueuedMessageView(
+        qid,
+        sender,
+        size,
+        received_at,
+        bool(held),
+        recipients,
+        client,
+        auth_user,
+        message_id,
+        envid,
+        ret,
+        events,
+        bool(quar),
+    )
+
+
+def list_messages(
+    ctx: Ctx, conn: sqlite3.Connection, txn: Txn, f: QueueFilter | None
+) -> list[QueuedMessageView]:
+    where, params = _where(f or QueueFilter())
+    sql = _MESSAGE_VIEW + where + " ORDER BY m.received_at, m.queue_id"
+    if f is not None and f.limit is not None:
+        sql += " LIMIT ?"
+        params.append(f.limit)
+    return [_view(conn, row, history=False) for row in conn.execute(sql, params).fetchall()]
+
+
+def get_message(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str) -> QueuedMessageView:
+    row = conn.execute(_MESSAGE_VIEW + " WHERE queue_id = ?", (queue_id,)).fetchone()
+    if row is None:
+        raise NoSuchMessage(queue_id)
+    return _view(conn, row, history=True)

@@ -1,0 +1,59 @@
+"""Fixtures for the QueueStore contract suite: one `store` per backend.
+
+`store_env` knows how to make a store of one kind on one piece of backing
+storage (a SQLite file now; a PostgreSQL database later); `store` is an
+opened store on it, closed after the test. Tests that need a second instance
+on the same storage (reopen after close, a second reader) call
+`store_env.make()`.
+
+To add a backend: add its name to BACKENDS and a branch in `StoreEnv.make`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gannet.queue.sqlite import SqliteStore
+from gannet.queue.store import QueueStore
+
+BACKENDS = ["sqlite"]
+
+
+@dataclass
+class StoreEnv:
+    backend: str
+    root: Path
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where a session spools large bodies (SpooledBody files) for this store."""
+        return self.root / "spool"
+
+    def make(self, *, recover: bool = True) -> QueueStore:
+        """A new, not yet opened, store on this environment's storage."""
+        if self.backend == "sqlite":
+            return SqliteStore(
+                self.root / "queue.db", spool_dir=self.spool_dir, node="test", recover=recover
+            )
+        raise AssertionError(f"unknown backend {self.backend}")
+
+
+@pytest.fixture(params=BACKENDS)
+def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> StoreEnv:
+    env = StoreEnv(request.param, tmp_path)
+    env.spool_dir.mkdir()
+    return env
+
+
+@pytest.fixture
+async def store(store_env: StoreEnv) -> AsyncIterator[QueueStore]:
+    s = store_env.make()
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
