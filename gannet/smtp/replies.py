@@ -47,6 +47,8 @@ class Reply:
         if len(self.text) == 1:  # the common case, kept cheap
             line = self.text[0]
             words = f"{self.enhanced} {line}" if self.enhanced else line
+            if self.code == 334:  # RFC 4954 §4: "334" SP [base64], the space even when empty
+                return f"334 {words}\r\n".encode()
             return (f"{self.code} {words}".rstrip(" ") + "\r\n").encode("utf-8")
         last = len(self.text) - 1
         out = []
