@@ -1,0 +1,414 @@
+"""Local delivery: the loop that moves Transport.LOCAL recipients from the
+queue into their Maildirs.
+
+Owns no on-disk state of its own: it reads the queue only through the
+QueueStore protocol and writes mailboxes only through `maildir.py`.
+
+The loop (one `LocalDelivery.run()` per process, started by `gannet serve`):
+
+1. Claim up to `batch` due LOCAL recipients under a lease (`claim_due`).
+2. For each claimed message, read its body once (`read_body`, CRLF), convert
+   it to LF once, and stage it in each recipient's Maildir (tmp/, fsync,
+   rename into new/) in a thread pool, at most `delivery.local_concurrency`
+   file operations in flight: the writes are fsync-bound, and threads let the
+   kernel fold their journal commits together.
+3. fsync each new/ that received files in the batch, once (`dirs_to_sync`):
+   for one busy mailbox that halves the fsyncs per message.
+4. Turn each result into an Outcome with the pure `decide_outcome`, log it
+   (maillog), and record the whole batch in ONE `store.record` call: a
+   record is a durable commit, so one per recipient would cap throughput at
+   the disk's commit rate.
+5. Up to `max_batches` batches are in flight, so that the next claim and the
+   writes of one batch overlap the record commit of another.
+6. When nothing is due, sleep until `idle_delay(now, next_due)` or `wake()`.
+
+Invariants: a recipient is recorded Delivered only after its file and its
+new/ directory are fsync'd; a failed write is Deferred (retried), never
+dropped, and becomes Failed only once the message is older than
+`delivery.give_up_after`; if this process dies between the write and the
+record, the lease expires and the recipient is delivered again (a duplicate,
+never a loss). The decisions live in `local_decisions` (pure); this module
+only carries them out.
+
+Callers: `gannet serve` constructs one LocalDelivery and runs it; the SMTP
+session calls `wake()` after each successful enqueue with a local recipient.
+All methods must be called on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from gannet import maillog
+from gannet.clock import Clock
+from gannet.config import DeliveryConfig
+from gannet.delivery.local_decisions import (
+    BadMailbox,
+    TempError,
+    WriteResult,
+    Written,
+    apply_sync_errors,
+    decide_outcome,
+    dirs_to_sync,
+    idle_delay,
+)
+from gannet.delivery.maildir import maildir_path, stage_in_maildir, to_lf
+from gannet.queue.model import (
+    Claim,
+    ClaimedRecipient,
+    Deferred,
+    Delivered,
+    Failed,
+    NewMessage,
+    Outcome,
+    RecipientOutcome,
+    Transport,
+)
+from gannet.queue.store import QueueStore
+from gannet.util.files import fsync_dir
+
+log = logging.getLogger("gannet.delivery.local")
+
+RELAY = "maildir"  # the relay= field of the mail log
+ERROR_PAUSE = 5.0  # after the store failed to claim
+RECORD_BACKOFF = (0.5, 1.0, 2.0, 4.0)  # retries of a failed record, then give up
+BODY_BUDGET = 64 * 1024 * 1024  # bytes of bodies held in memory at once (at least one)
+LF_IN_THREAD = 1024 * 1024  # convert bodies larger than this off the event loop
+
+# Called with a claim and its recipients that failed permanently; returns the
+# DSN messages to enqueue in the same commit as the outcomes (issue: dsn.py).
+BounceFactory = Callable[[Claim, Sequence[tuple[ClaimedRecipient, Failed]]], Sequence[NewMessage]]
+
+
+def _dsn_code(reason: str, default: str) -> str:
+    code = reason.split(" ", 1)[0]
+    return code if code[:1].isdigit() and code.count(".") == 2 else default
+
+
+def log_outcome(queue_id: str, address: str, outcome: Outcome, *, delay: float, now: float) -> None:
+    """One mail-log line per recipient attempt."""
+    if isinstance(outcome, Delivered):
+        maillog.delivered(queue_id, address, RELAY, delay, outcome.detail)
+    elif isinstance(outcome, Deferred):
+        maillog.deferred(queue_id, address, RELAY, delay, outcome.reason,
+                         dsn=_dsn_code(outcome.reason, "4.0.0"), retry_in=outcome.retry_at - now)
+    else:
+        maillog.bounced(queue_id, address, RELAY, delay, outcome.reason,
+                        dsn=_dsn_code(outcome.reason, "5.0.0"))
+
+
+def _write_error(exc: OSError) -> str:
+    return f"4.3.0 cannot write mailbox: {exc.strerror or exc}"
+
+
+# -- the loop -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    claim: Claim
+    rcpt: ClaimedRecipient
+    result: WriteResult
+
+
+@dataclass(slots=True)
+class DeliveryStats:
+    """Counters since start (for /metrics and the benchmark)."""
+
+    delivered: int = 0
+    deferred: int = 0
+    failed: int = 0
+    records: int = 0  # store.record commits
+    record_errors: int = 0
+
+
+class _ByteBudget:
+    """Bounds the bytes of message bodies held at once; one body always fits,
+    however large, so a big message waits for room but never forever."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._changed = asyncio.Condition()
+
+    def _fits(self, size: int) -> bool:
+        return self._used == 0 or self._used + size <= self._limit
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._fits(size))
+            self._used += size
+        try:
+            yield
+        finally:
+            self._used -= size
+            async with self._changed:
+                self._changed.notify_all()
+
+
+class LocalDelivery:
+    """Delivers due LOCAL recipients into Maildirs until `stop()`. Run once."""
+
+    def __init__(
+        self,
+        store: QueueStore,
+        *,
+        maildir_template: str,
+        delivery: DeliveryConfig,
+        clock: Clock,
+        owner: str = "local",
+        executor: Executor | None = None,
+        lease_seconds: float = 300.0,
+        batch: int = 64,
+        max_batches: int = 3,
+        bounces: BounceFactory | None = None,
+    ) -> None:
+        self._store = store
+        self._template = maildir_template
+        self._delivery = delivery
+        self._clock = clock
+        self._owner = owner
+        self._executor = executor
+        self._lease_seconds = lease_seconds
+        self._batch = max(1, batch)
+        self._max_batches = max(1, max_batches)
+        self._bounces = bounces
+        self._writes = asyncio.Semaphore(delivery.local_concurrency)
+        self._bodies = _ByteBudget(BODY_BUDGET)
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._started = False
+        self._finished = asyncio.Event()
+        self._batches: set[asyncio.Task[None]] = set()
+        self.stats = DeliveryStats()
+
+    def wake(self) -> None:
+        """Work is due now (an enqueue just committed): end any idle sleep."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming; finish and record the writes in flight; return."""
+        self._stopping = True
+        self._wake.set()
+        if self._started:
+            await self._finished.wait()
+
+    async def run(self) -> None:
+        """Deliver until `stop()`. Store errors are logged and waited out, never raised."""
+        if self._started:
+            raise RuntimeError("LocalDelivery.run() may be called only once")
+        self._started = True
+        own_executor = self._executor is None
+        executor = self._executor or ThreadPoolExecutor(
+            self._delivery.local_concurrency, thread_name_prefix="gannet-maildir"
+        )
+        try:
+            await self._loop(executor)
+            await self._drain()
+        except asyncio.CancelledError:
+            # Hard shutdown: unrecorded work is leased and will be redone
+            # when the lease expires (a duplicate at worst, never a loss).
+            for task in self._batches:
+                task.cancel()
+            raise
+        finally:
+            if own_executor:
+                executor.shutdown(wait=False)
+            self._finished.set()
+
+    async def _loop(self, executor: Executor) -> None:
+        while not self._stopping:
+            await self._wait_for_batch_slot()
+            # Clear before claiming: a wake() from here on means work that
+            # this claim may have missed, so the idle wait must not sleep.
+            self._wake.clear()
+            try:
+                claims = await self._store.claim_due(
+                    self._clock.now(),
+                    limit=self._batch,
+                    lease_seconds=self._lease_seconds,
+                    owner=self._owner,
+                    transport=Transport.LOCAL,
+                )
+            except Exception:
+                log.exception("local delivery: claiming due recipients failed")
+                await self._sleep_or_wake(ERROR_PAUSE)
+                continue
+            if claims:
+                self._start_batch(claims, executor)
+            elif not self._stopping:
+                await self._sleep_or_wake(idle_delay(self._clock.now(), await self._next_due()))
+
+    async def _next_due(self) -> float | None:
+        try:
+            return await self._store.next_due(Transport.LOCAL)
+        except Exception:
+            log.exception("local delivery: reading the next due time failed")
+            return None
+
+    async def _sleep_or_wake(self, delay: float) -> None:
+        if delay <= 0 or self._wake.is_set():
+            return
+        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
+    async def _wait_for_batch_slot(self) -> None:
+        while len(self._batches) >= self._max_batches:
+            await asyncio.wait(self._batches, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _drain(self) -> None:
+        while self._batches:
+            await asyncio.wait(self._batches)
+
+    def _start_batch(self, claims: list[Claim], executor: Executor) -> None:
+        task = asyncio.create_task(self._run_batch(claims, executor))
+        self._batches.add(task)
+        task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("local delivery: batch crashed", exc_info=task.exception())
+
+    # -- one batch ------------------------------------------------------------
+
+    async def _run_batch(self, claims: list[Claim], executor: Executor) -> None:
+        per_claim = await asyncio.gather(*(self._write_claim(c, executor) for c in claims))
+        attempts = [a for claim_attempts in per_claim for a in claim_attempts]
+        attempts = await self._sync_new_dirs(attempts, executor)
+        outcomes = [self._conclude(a.claim, a.rcpt, a.result) for a in attempts]
+        dsns = self._make_dsns(claims, outcomes)
+        await self._record(outcomes, dsns)
+        if any(isinstance(o.outcome, Deferred) for o in outcomes):
+            # The idle sleep was computed while these were leased; their new
+            # retry time may be sooner, so let the loop look again.
+            self._wake.set()
+
+    async def _write_claim(self, claim: Claim, executor: Executor) -> list[_Attempt]:
+        """Read the body once, stage it into each recipient's Maildir."""
+        rcpts = [r for r in claim.recipients if r.transport is Transport.LOCAL]
+        if not rcpts:
+            return []
+        async with self._bodies.hold(claim.size):
+            try:
+                body = await self._store.read_body(claim.queue_id)
+            except Exception:
+                # The detail (paths, database errors) goes to the log, not
+                # into last_error, which may end up in a DSN to the sender.
+                log.exception("%s: cannot read the queued body", claim.queue_id)
+                error = TempError("4.3.0 cannot read queued message")
+                return [_Attempt(claim, r, error) for r in rcpts]
+            if len(body) > LF_IN_THREAD:
+                lf_body = await asyncio.get_running_loop().run_in_executor(executor, to_lf, body)
+            else:
+                lf_body = to_lf(body)
+            del body  # only the LF copy is needed from here on
+            writes = (self._write_rcpt(claim, r, lf_body, executor) for r in rcpts)
+            return list(await asyncio.gather(*writes))
+
+    async def _write_rcpt(
+        self, claim: Claim, rcpt: ClaimedRecipient, lf_body: bytes, executor: Executor
+    ) -> _Attempt:
+        # An empty mailbox means routing did not name an account: the address is it.
+        mailbox = rcpt.mailbox or rcpt.address
+        try:
+            maildir = maildir_path(self._template, mailbox)
+        except ValueError:
+            return _Attempt(claim, rcpt, BadMailbox(mailbox))
+        stage = functools.partial(
+            stage_in_maildir, maildir, lf_body, return_path=claim.sender,
+            delivered_to=rcpt.address,
+        )
+        result: WriteResult
+        async with self._writes:
+            try:
+                result = Written(await asyncio.get_running_loop().run_in_executor(executor, stage))
+            except OSError as exc:
+                result = TempError(_write_error(exc))
+            except Exception:
+                # A bug, not the disk: still never drop the message.
+                log.exception("%s: delivery to %s crashed", claim.queue_id, maildir)
+                result = TempError("4.3.0 local delivery error")
+        return _Attempt(claim, rcpt, result)
+
+    async def _sync_new_dirs(self, attempts: list[_Attempt], executor: Executor) -> list[_Attempt]:
+        """fsync each new/ that received files in this batch, once: only then
+        are the renames durable and the recipients delivered."""
+        errors: dict[Path, str] = {}
+
+        async def sync(new_dir: Path) -> None:
+            async with self._writes:
+                try:
+                    await asyncio.get_running_loop().run_in_executor(executor, fsync_dir, new_dir)
+                except OSError as exc:
+                    errors[new_dir] = _write_error(exc)
+
+        await asyncio.gather(*(sync(d) for d in dirs_to_sync(a.result for a in attempts)))
+        return [
+            _Attempt(a.claim, a.rcpt, apply_sync_errors(a.result, errors)) for a in attempts
+        ]
+
+    def _conclude(
+        self, claim: Claim, rcpt: ClaimedRecipient, result: WriteResult
+    ) -> RecipientOutcome:
+        now = self._clock.now()
+        outcome = decide_outcome(result, attempts=rcpt.attempts, received_at=claim.received_at,
+                                 now=now, delivery=self._delivery)
+        log_outcome(claim.queue_id, rcpt.address, outcome, delay=now - claim.received_at, now=now)
+        if isinstance(outcome, Delivered):
+            self.stats.delivered += 1
+        elif isinstance(outcome, Deferred):
+            self.stats.deferred += 1
+        else:
+            self.stats.failed += 1
+        return RecipientOutcome(rcpt.recipient_id, rcpt.lease_token, outcome, now)
+
+    def _make_dsns(self, claims: list[Claim], outcomes: list[RecipientOutcome]) -> list[NewMessage]:
+        if self._bounces is None:
+            return []
+        failed = {o.recipient_id: o.outcome for o in outcomes if isinstance(o.outcome, Failed)}
+        dsns: list[NewMessage] = []
+        for claim in claims:
+            pairs = [
+                (r, f)
+                for r in claim.recipients
+                if isinstance(f := failed.get(r.recipient_id), Failed)
+            ]
+            if pairs:
+                try:
+                    dsns.extend(self._bounces(claim, pairs))
+                except Exception:
+                    log.exception("%s: building the DSN failed", claim.queue_id)
+        return dsns
+
+    async def _record(self, outcomes: list[RecipientOutcome], dsns: list[NewMessage]) -> None:
+        """One durable commit for the whole batch; retried while the store is down."""
+        if not outcomes and not dsns:
+            return
+        for pause in (*RECORD_BACKOFF, None):
+            try:
+                await self._store.record(outcomes, dsns)
+            except Exception:
+                self.stats.record_errors += 1
+                log.exception("local delivery: recording %d outcomes failed", len(outcomes))
+                if pause is None:
+                    # The files are written; the leases will expire and the
+                    # recipients be delivered again: duplicates, not losses.
+                    return
+                await self._clock.sleep(pause)
+            else:
+                self.stats.records += 1
+                return
