@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     s.set_defaults(func=cmd_serve)
 
+    s = sub.add_parser(
+        "deliver-worker", parents=[common], help="internal: the local delivery process that `serve` starts"
+    )
+    s.add_argument("--wake-fd", type=int, required=True)
+    s.add_argument("--log-format", choices=("text", "json"), default="text")
+    s.set_defaults(func=cmd_deliver_worker)
+
     s = sub.add_parser("check-config", parents=[common], help="validate the config file")
     s.set_defaults(func=cmd_check_config)
 
@@ -108,7 +115,13 @@ def load_config(args: argparse.Namespace) -> Config:
 
 # -- serve / check-config ------------------------------------------------------------
 def setup_logging(fmt: str, level: str) -> None:
-    from gannet.maillog import JsonFormatter
+    from gannet.maillog import JsonFormatter, use_structured_records
+
+    # Not needed in our lines, and each costs time on every record (frame walk).
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    use_structured_records(fmt == "json")
 
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -130,7 +143,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gannet.runtime import Server
 
     _use_uvloop()
-    return asyncio.run(Server(config).run())
+    return asyncio.run(Server(config, args.log_format).run())
+
+
+def cmd_deliver_worker(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    setup_logging(args.log_format, "info")
+    from gannet.delivery.worker import run_worker
+
+    _use_uvloop()
+    return asyncio.run(run_worker(config, args.wake_fd))
 
 
 def _use_uvloop() -> None:

@@ -20,6 +20,15 @@ from collections.abc import Iterable
 
 log = logging.getLogger("gannet.mail")
 
+# Set by `use_structured_records(True)` when the JSON formatter is in use: only
+# then is it worth building the per-record field dict (it costs on every line).
+_structured = False
+
+
+def use_structured_records(enabled: bool) -> None:
+    global _structured
+    _structured = enabled
+
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -35,7 +44,10 @@ def _emit(queue_id: str, fields: dict[str, object], tail: str = "") -> None:
     line = f"{queue_id}: {body}" if queue_id else body
     if tail:
         line += f" ({_clean(tail, 500)})"
-    log.info(line, extra={"gannet_fields": {"queue_id": queue_id, **fields, "detail": tail}})
+    if _structured:
+        log.info(line, extra={"gannet_fields": {"queue_id": queue_id, **fields, "detail": tail}})
+    else:
+        log.info(line)
 
 
 def connect(session_id: str, client: str, listener: str) -> None:

@@ -16,13 +16,13 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from gannet import config as config_mod
 from gannet.clock import SystemClock
 from gannet.config import Config, ConfigError
-from gannet.delivery.local import LocalDelivery
 from gannet.policy.accounts import Accounts, AccountsError
 from gannet.policy.recipients import RecipientTable
 from gannet.queue.sqlite import SqliteStore
@@ -73,8 +73,9 @@ class _AccountsCache:
 class Server:
     """One running Gannet. `await run()` until stopped."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, log_format: str = "text") -> None:
         self.config = config
+        self.log_format = log_format
         self.clock = SystemClock()
         self.accounts = _AccountsCache(config.mailboxes.users_file)
         self.stopping = asyncio.Event()
@@ -96,9 +97,8 @@ class Server:
     async def _run_with_store(self, store: QueueStore) -> int:
         config = self.config
         tls = server_context(config.tls, config.file)
-        delivery = LocalDelivery(
-            store, maildir_template=config.mailboxes.maildir, delivery=config.delivery, clock=self.clock
-        )
+        delivery = DeliveryWorker(config.file, self.log_format)
+        self.delivery = delivery
         services = Services(
             config=config,
             store=store,
@@ -111,7 +111,7 @@ class Server:
         services.refresh_recipients = self._current_table
         self.services = services
         listeners = Listeners(services)
-        delivery_task = asyncio.create_task(delivery.run(), name="local-delivery")
+        await delivery.start()
         await listeners.start()
         self.listeners = listeners
         loop = asyncio.get_running_loop()
@@ -123,9 +123,7 @@ class Server:
         log.info("stopping: no new connections; letting sessions finish (up to %.0fs)", SHUTDOWN_GRACE)
         services.shutting_down = True
         await listeners.stop(SHUTDOWN_GRACE)
-        await delivery.stop()
-        delivery_task.cancel()
-        await asyncio.gather(delivery_task, return_exceptions=True)
+        await delivery.stop(SHUTDOWN_GRACE)
         log.info("stopped")
         return 0
 
@@ -153,6 +151,106 @@ class Server:
         self.services.recipients = table
         self.services.tls_context = tls
         log.info("reloaded %s; changed: %s", new.file, ", ".join(changed) or "nothing")
+        if {"mailboxes", "delivery", "queue", "hostname"} & set(changed):
+            asyncio.get_running_loop().create_task(self.delivery.restart(SHUTDOWN_GRACE))
+
+
+class DeliveryWorker:
+    """The local delivery worker process (gannet/delivery/worker.py): start it,
+    wake it after each enqueue, restart it if it dies, stop it gracefully."""
+
+    RESTART_DELAY = 1.0
+
+    def __init__(self, config_file: Path, log_format: str = "text") -> None:
+        self.config_file = config_file
+        self.log_format = log_format
+        self.proc: asyncio.subprocess.Process | None = None
+        self._wake_w = -1
+        self._wake_pending = False
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._stopping = False
+        await self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise(), name="delivery-supervisor")
+
+    async def _spawn(self) -> None:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gannet",
+                "deliver-worker",
+                "--config",
+                str(self.config_file),
+                "--wake-fd",
+                str(read_fd),
+                "--log-format",
+                self.log_format,
+                pass_fds=(read_fd,),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            os.close(read_fd)
+        if self._wake_w >= 0:
+            os.close(self._wake_w)
+        self._wake_w = write_fd
+        self.wake()  # mail may have been queued while no worker ran
+        log.info("delivery worker started (pid %d)", self.proc.pid)
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            log.error(
+                "delivery worker (pid %d) exited with status %s; restarting in %.0fs",
+                self.proc.pid,
+                code,
+                self.RESTART_DELAY,
+            )
+            await asyncio.sleep(self.RESTART_DELAY)
+            if not self._stopping:
+                await self._spawn()
+
+    def wake(self) -> None:
+        """Coalesced: one byte per event-loop turn however many messages were queued."""
+        if not self._wake_pending and self._wake_w >= 0:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._send_wake)
+
+    def _send_wake(self) -> None:
+        self._wake_pending = False
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, BrokenPipeError):
+            pass  # a full pipe already holds a wake-up; a broken one: the supervisor restarts it
+
+    async def stop(self, grace: float) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                log.error("delivery worker did not stop within %.0fs; killing it", grace)
+                proc.kill()
+                await proc.wait()
+        if self._wake_w >= 0:
+            os.close(self._wake_w)
+            self._wake_w = -1
+
+    async def restart(self, grace: float) -> None:
+        await self.stop(grace)
+        await self.start()
 
 
 def _changed_sections(old: Config, new: Config) -> list[str]:

@@ -197,6 +197,9 @@ class SqliteStore:
     async def next_due(self, transport: Transport | None = None) -> float | None:
         return await self._call(ops.next_due, transport)
 
+    async def release_leases(self, owner: str) -> int:
+        return await self._call(ops.release_leases, owner)
+
     # --- admin -------------------------------------------------------------------
 
     async def list_messages(self, filter: QueueFilter | None = None) -> list[QueuedMessageView]:

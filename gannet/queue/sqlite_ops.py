@@ -386,3 +386,14 @@ def quarantine(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, str
     conn.execute("UPDATE recipients SET parked = 1 WHERE queue_id = ?", (queue_id,))
     conn.execute(_INSERT_HISTORY, (queue_id, at, "", "quarantined", reason))
     log.error("queue: %s quarantined: %s", queue_id, reason)
+
+
+_RELEASE_OWNER = (
+    "UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "
+    f"{_CLEAR_LEASE} WHERE state = 'delivering' AND lease_owner = ?"
+)
+
+
+def release_leases(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, owner: str) -> int:
+    """A restarted worker gives back what its dead predecessor (same owner) claimed."""
+    return conn.execute(_RELEASE_OWNER, (owner,)).rowcount

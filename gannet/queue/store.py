@@ -71,6 +71,10 @@ class QueueStore(Protocol):
     async def next_due(self, transport: Transport | None = None) -> float | None:
         """Earliest next_attempt of a claimable recipient, or None if none waits."""
 
+    async def release_leases(self, owner: str) -> int:
+        """Make every recipient leased by `owner` claimable now (a restarted worker
+        of that name knows its predecessor is dead). Returns how many."""
+
     async def list_messages(self, filter: QueueFilter | None = None) -> list[QueuedMessageView]:
         """Messages still in the queue, oldest first, without history."""
 

@@ -18,7 +18,6 @@ not acknowledged is simply not queued.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import time
@@ -181,8 +180,7 @@ class Session:
         timeout = self.config.smtp.data_timeout if in_body else self.config.smtp.idle_timeout
         self._waiting_for_command = not in_body and self.txn is None
         try:
-            async with asyncio.timeout(timeout):
-                return await self.wire.read()
+            return await self.wire.read(timeout)
         except TimeoutError:
             log.info("session %s: idle timeout after %.0fs from %s", self.session_id, timeout, self.client)
             self._write(self.conn.close_with(R.R421_TIMEOUT))

@@ -81,15 +81,19 @@ class Wire(asyncio.Protocol):
             w.set_result(None)
 
     # -- for the session -------------------------------------------------------
-    async def read(self) -> bytes:
-        """All bytes received so far, waiting if there are none; b"" at EOF."""
+    async def read(self, timeout: float) -> bytes:
+        """All bytes received so far, waiting up to `timeout` seconds if there are
+        none (TimeoutError then); b"" at EOF. One timer handle per wait: cheaper
+        than asyncio.timeout() on this path, which runs for every command."""
         while not self._chunks:
             if self._eof:
                 return b""
-            self._waiter = self.loop.create_future()
+            waiter = self._waiter = self.loop.create_future()
+            timer = self.loop.call_later(timeout, _expire, waiter)
             try:
-                await self._waiter
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
@@ -145,3 +149,8 @@ class Wire(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())

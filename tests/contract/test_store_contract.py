@@ -210,6 +210,20 @@ async def test_an_expired_lease_can_be_claimed_again_with_a_new_token(store: Que
     assert second.lease_until == T0 + 2 * LEASE
 
 
+async def test_release_leases_frees_only_that_owners_claims(store: QueueStore) -> None:
+    await store.enqueue(message("a@x.test"))
+    await store.enqueue(message("b@x.test"))
+    (mine,) = await claim(store, owner="local", limit=1)
+    (theirs,) = await claim(store, owner="other", limit=1)
+    assert await store.release_leases("local") == 1
+    (again,) = await claim(store, owner="local")  # due now, long before the lease would end
+    assert again.queue_id == mine.queue_id
+    assert again.recipients[0].lease_token != mine.recipients[0].lease_token
+    # The dead holder's late outcome is fenced off.
+    assert await store.record(all_outcomes(mine, Delivered("late"), at=T0 + 1)) == []
+    assert await store.record(all_outcomes(theirs, Delivered("ok"), at=T0 + 1)) == [theirs.queue_id]
+
+
 # --- record -----------------------------------------------------------------------
 
 
