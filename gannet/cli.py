@@ -55,9 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser(
-        "deliver-worker", parents=[common], help="internal: the local delivery process that `serve` starts"
-    )
+    s = sub.add_parser("deliver-worker", help="internal: the local delivery process that `serve` starts")
     s.add_argument("--wake-fd", type=int, required=True)
     s.add_argument("--log-format", choices=("text", "json"), default="text")
     s.set_defaults(func=cmd_deliver_worker)
@@ -147,7 +145,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_deliver_worker(args: argparse.Namespace) -> int:
-    config = load_config(args)
+    import pickle
+    import signal
+
+    # Only `serve` starts this, writing the config it validated to our stdin.
+    config = pickle.load(sys.stdin.buffer)
+    if not isinstance(config, Config):
+        print("gannet deliver-worker: expected a pickled Config on stdin", file=sys.stderr)
+        return EXIT_USAGE
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads go through the parent
     setup_logging(args.log_format, "info")
     from gannet.delivery.worker import run_worker
 

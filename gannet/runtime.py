@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import signal
 import sys
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ class Server:
     async def _run_with_store(self, store: QueueStore) -> int:
         config = self.config
         tls = server_context(config.tls, config.file)
-        delivery = DeliveryWorker(config.file, self.log_format)
+        delivery = DeliveryWorker(config, self.log_format)
         self.delivery = delivery
         services = Services(
             config=config,
@@ -152,7 +153,8 @@ class Server:
         self.services.tls_context = tls
         log.info("reloaded %s; changed: %s", new.file, ", ".join(changed) or "nothing")
         if {"mailboxes", "delivery", "queue", "hostname"} & set(changed):
-            asyncio.get_running_loop().create_task(self.delivery.restart(SHUTDOWN_GRACE))
+            self.delivery.config = new
+            self._restart = asyncio.get_running_loop().create_task(self.delivery.restart(SHUTDOWN_GRACE))
 
 
 class DeliveryWorker:
@@ -161,8 +163,8 @@ class DeliveryWorker:
 
     RESTART_DELAY = 1.0
 
-    def __init__(self, config_file: Path, log_format: str = "text") -> None:
-        self.config_file = config_file
+    def __init__(self, config: Config, log_format: str = "text") -> None:
+        self.config = config
         self.log_format = log_format
         self.proc: asyncio.subprocess.Process | None = None
         self._wake_w = -1
@@ -179,20 +181,23 @@ class DeliveryWorker:
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         try:
+            # The worker gets the config this process validated (pickled on its
+            # stdin), not the file, which may have changed since.
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "gannet",
                 "deliver-worker",
-                "--config",
-                str(self.config_file),
                 "--wake-fd",
                 str(read_fd),
                 "--log-format",
                 self.log_format,
                 pass_fds=(read_fd,),
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE,
             )
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(pickle.dumps(self.config))
+            self.proc.stdin.close()
         finally:
             os.close(read_fd)
         if self._wake_w >= 0:

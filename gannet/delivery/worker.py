@@ -9,7 +9,9 @@ second core, as Postfix's qmgr and local(8) do beside smtpd.
 
 Protocol with the parent (runtime.DeliveryWorker):
 - the parent opens the store first (crash recovery, lease release), then
-  starts this process with the config path and the read end of a pipe;
+  starts this process with the read end of a pipe, and writes the Config it
+  validated (pickled) to its stdin: the file may have changed since, and a
+  worker must never run on a config its server refused;
 - a byte on the pipe means "new mail was queued: look now"; between wakes
   the worker sleeps until the next due recipient (LocalDelivery does that);
 - end-of-file on the pipe means the parent is gone: stop (finish the writes

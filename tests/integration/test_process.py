@@ -1,0 +1,110 @@
+"""`gannet serve` as a process: signals, reload, and the delivery worker's life.
+
+- SIGHUP re-reads the config; a bad one is refused and the running one kept.
+- SIGTERM: stop listening, let a session in the middle of DATA finish, exit 0.
+- The delivery worker (a child process) is restarted if it dies, exits when
+  its server dies, and a restarted server delivers what was queued.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import time
+from collections.abc import Callable
+
+import peers
+
+Gannet = Callable[..., peers.GannetProcess]
+
+
+def send(server: peers.GannetProcess, subject: str, to: str = "alice@example.test") -> str:
+    host, port = server.address("mx")
+    with smtplib.SMTP(host, port, timeout=10) as s:
+        s.sendmail("x@elsewhere.test", [to], f"Subject: {subject}\r\nMessage-ID: <{subject}@t>\r\n\r\nhi\r\n")
+    return subject
+
+
+def delivered_subjects(server: peers.GannetProcess, address: str = "alice@example.test") -> set[str]:
+    return {peers.read_headers(p)["Subject"] for p in server.delivered(address)}
+
+
+def wait_subject(server: peers.GannetProcess, subject: str, address: str = "alice@example.test") -> None:
+    peers.wait_for(lambda: subject in delivered_subjects(server, address), 15, f"{subject!r} delivered")
+
+
+def worker_pids(server: peers.GannetProcess) -> list[int]:
+    return [pid for pid in peers.child_pids(server.pid)
+            if b"deliver-worker" in open(f"/proc/{pid}/cmdline", "rb").read()]
+
+
+def test_sighup_refuses_a_bad_config_and_applies_a_good_one(gannet: Gannet) -> None:
+    server = gannet()
+    good = server.config_path.read_text()
+    server.config_path.write_text(good + "\n[smtp]\nmax_errors = 0\n")
+    os.kill(server.pid, signal.SIGHUP)
+    peers.wait_for(lambda: "reload refused" in server.log_text(), 10, "the refusal in the log")
+    assert "smtp.max_errors" in server.log_text()
+    wait_subject(server, send(server, "still-running"))
+
+    changed = good.replace('local_domains = ["example.test"]', 'local_domains = ["example.test", "new.test"]')
+    changed = changed.replace('"postmaster@example.test" = ["alice@example.test"]',
+                              '"postmaster@example.test" = ["alice@example.test"], "info@new.test" = ["alice@example.test"]')
+    assert changed != good
+    server.config_path.write_text(changed)
+    os.kill(server.pid, signal.SIGHUP)
+    peers.wait_for(lambda: "reloaded" in server.log_text(), 10, "the reload in the log")
+    wait_subject(server, send(server, "to-new-domain", to="info@new.test"))
+
+
+def test_a_killed_delivery_worker_is_restarted(gannet: Gannet) -> None:
+    server = gannet()
+    wait_subject(server, send(server, "before"))
+    (worker,) = peers.wait_for(lambda: worker_pids(server) or None, 10, "the delivery worker")
+    os.kill(worker, signal.SIGKILL)
+    peers.wait_for(lambda: (worker_pids(server) or [worker]) != [worker], 15, "a new delivery worker")
+    wait_subject(server, send(server, "after"))
+    assert "delivery worker" in server.log_text() and "restarting" in server.log_text()
+
+
+def test_sigterm_lets_a_session_in_data_finish_then_exits_cleanly(gannet: Gannet) -> None:
+    server = gannet()
+    host, port = server.address("mx")
+    busy = socket.create_connection((host, port), timeout=10)
+    idle = socket.create_connection((host, port), timeout=10)
+    f = busy.makefile("rb")
+    f.readline()
+    busy.sendall(b"EHLO x\r\n")
+    while f.readline()[3:4] == b"-":
+        pass
+    busy.sendall(b"MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+    busy.sendall(b"Subject: in-flight\r\n\r\nfirst half\r\n")
+    time.sleep(0.3)
+    workers = worker_pids(server)
+    server.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    idle_file = idle.makefile("rb")
+    assert idle_file.readline().startswith(b"220")
+    assert idle_file.readline().startswith(b"421 4.3.2"), "an idle session is told to go away"
+    time.sleep(0.3)
+    busy.sendall(b"second half\r\n.\r\n")
+    assert f.readline().startswith(b"250 2.0.0 queued as"), "the message in flight is accepted"
+    assert server.proc.wait(30) == 0  # type: ignore[union-attr]
+    assert not any(peers._alive(pid) for pid in workers), "the delivery worker stopped with its server"
+    server.start()
+    wait_subject(server, "in-flight")
+
+
+def test_worker_exits_when_its_server_is_killed_and_a_restart_delivers_the_queue(gannet: Gannet) -> None:
+    server = gannet()
+    (worker,) = peers.wait_for(lambda: worker_pids(server) or None, 10, "the delivery worker")
+    server.kill()
+    peers.wait_for(lambda: not peers._alive(worker), 10, "the orphaned worker to exit")
+    server.start()
+    for i in range(20):
+        send(server, f"after-restart-{i}")
+    for i in range(20):
+        wait_subject(server, f"after-restart-{i}")
+    assert server.stop() == 0
