@@ -1,0 +1,97 @@
+"""Sessions in-process over real loopback sockets, with the queue store swapped:
+what the client hears when the store fails, and that 250 waits for the commit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from gannet import config as config_mod
+from gannet.clock import SystemClock
+from gannet.policy.accounts import Accounts
+from gannet.policy.recipients import RecipientTable
+from gannet.queue.model import NewMessage, QueueError
+from gannet.server.auth import PasswordVerifier
+from gannet.server.listener import Listeners
+from gannet.server.services import Services
+
+
+@dataclass
+class ControlledStore:
+    """Enough of QueueStore for a session: enqueue fails, or waits for `release`."""
+
+    fail: bool = False
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    stored: list[NewMessage] = field(default_factory=list)
+
+    async def enqueue(self, message: NewMessage) -> None:
+        if self.fail:
+            raise QueueError("disk full")
+        await self.release.wait()
+        self.stored.append(message)
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[tuple[Listeners, ControlledStore]]:
+    path = tmp_path / "gannet.toml"
+    path.write_text('hostname = "mx.test"\n[[listen]]\naddress = "127.0.0.1:0"\n'
+                    '[relay]\nlocal_domains = ["example.test"]\n'
+                    '[mailboxes]\naliases = { "postmaster@example.test" = ["x@elsewhere.test"] }\n')
+    cfg = config_mod.load(path)
+    store = ControlledStore()
+    accounts = Accounts()
+    services = Services(config=cfg, store=store,  # type: ignore[arg-type]
+                        recipients=RecipientTable.from_config(cfg.relay, cfg.mailboxes, accounts),
+                        verifier=PasswordVerifier(lambda: accounts), tls_context=None, clock=SystemClock())
+    listeners = Listeners(services)
+    await listeners.start()
+    yield listeners, store
+    await listeners.stop(5)
+
+
+async def dialog(port: int, lines: list[bytes]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, list[bytes]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    replies = [await reader.readline()]
+    for line in lines:
+        writer.write(line)
+        reply = await reader.readline()
+        while reply[3:4] == b"-":
+            reply = await reader.readline()
+        replies.append(reply)
+    return reader, writer, replies
+
+
+MESSAGE = [b"EHLO c.test\r\n", b"MAIL FROM:<a@elsewhere.test>\r\n", b"RCPT TO:<postmaster@example.test>\r\n",
+           b"DATA\r\n"]
+
+
+async def test_a_store_failure_answers_451_and_the_session_goes_on(
+        running: tuple[Listeners, ControlledStore]) -> None:
+    listeners, store = running
+    store.fail = True
+    (_, port), = listeners.bound_ports()
+    reader, writer, replies = await dialog(port, [*MESSAGE, b"Subject: x\r\n\r\nbody\r\n.\r\n"])
+    assert replies[-1].startswith(b"451 4.3.0")
+    writer.write(b"NOOP\r\n")
+    assert (await reader.readline()).startswith(b"250")
+    writer.close()
+
+
+async def test_250_is_sent_only_after_the_commit_returns(running: tuple[Listeners, ControlledStore]) -> None:
+    listeners, store = running
+    (_, port), = listeners.bound_ports()
+    reader, writer, replies = await dialog(port, MESSAGE)
+    assert replies[-1].startswith(b"354")
+    writer.write(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.readline(), 0.3)  # the commit has not returned
+    assert store.stored == []
+    store.release.set()
+    reply = await asyncio.wait_for(reader.readline(), 5)
+    assert reply.startswith(b"250 2.0.0 queued as ")
+    assert store.stored and reply.split()[-1].decode() == store.stored[0].queue_id
+    writer.close()
