@@ -73,8 +73,9 @@ async def until(cond: Callable[[], bool], timeout: float) -> None:
 
 
 def make_loop(store: SqliteStore, root: Path, clock: Clock, **kw: object) -> LocalDelivery:
-    return LocalDelivery(store, maildir_template=str(root / "{domain}" / "{user}"),
-                         delivery=CONFIG, clock=clock, **kw)  # type: ignore[arg-type]
+    return LocalDelivery(
+        store, maildir_template=str(root / "{domain}" / "{user}"), delivery=CONFIG, clock=clock, **kw
+    )  # type: ignore[arg-type]
 
 
 async def test_thousand_messages_three_mailboxes_each_exactly_once(
@@ -106,9 +107,7 @@ async def test_thousand_messages_three_mailboxes_each_exactly_once(
     assert delivery.stats.records < 1000 / 8  # batched commits, not one per message
 
 
-async def test_wake_delivers_a_message_enqueued_while_idle(
-    store: SqliteStore, tmp_path: Path
-) -> None:
+async def test_wake_delivers_a_message_enqueued_while_idle(store: SqliteStore, tmp_path: Path) -> None:
     clock = FakeClock(time.time())
     delivery = make_loop(store, tmp_path / "mail", clock)
     task = asyncio.create_task(delivery.run())
@@ -122,9 +121,7 @@ async def test_wake_delivers_a_message_enqueued_while_idle(
     assert await store.list_messages() == []
 
 
-async def test_deferral_is_stored_and_retried_when_due(
-    store: SqliteStore, tmp_path: Path
-) -> None:
+async def test_deferral_is_stored_and_retried_when_due(store: SqliteStore, tmp_path: Path) -> None:
     root = tmp_path / "mail"
     root.mkdir()
     blocker = root / "example.test"
@@ -155,9 +152,7 @@ async def test_deferral_is_stored_and_retried_when_due(
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("GANNET_BENCH") != "1", reason="set GANNET_BENCH=1")
 @pytest.mark.parametrize("mailboxes", [1, 20])
-async def test_bench_deliveries_per_second(
-    tmp_path: Path, mailboxes: int
-) -> None:
+async def test_bench_deliveries_per_second(tmp_path: Path, mailboxes: int) -> None:
     """5,000 messages of 4 KiB already queued; time until all are delivered
     and recorded. Knobs: GANNET_BENCH_N, _CONCURRENCY, _BATCH, _BATCHES."""
     n = int(os.environ.get("GANNET_BENCH_N", "5000"))
@@ -173,8 +168,14 @@ async def test_bench_deliveries_per_second(
     msgs = [message(ids(), boxes[i % mailboxes], now, pad=4096 - 90) for i in range(n)]
     await asyncio.gather(*(store.enqueue(m) for m in msgs))
     cfg = DeliveryConfig(retry=CONFIG.retry, local_concurrency=concurrency)
-    delivery = LocalDelivery(store, maildir_template=str(tmp_path / "mail/{domain}/{user}"),
-                             delivery=cfg, clock=SystemClock(), batch=batch, max_batches=batches)
+    delivery = LocalDelivery(
+        store,
+        maildir_template=str(tmp_path / "mail/{domain}/{user}"),
+        delivery=cfg,
+        clock=SystemClock(),
+        batch=batch,
+        max_batches=batches,
+    )
     start = time.perf_counter()
     cpu = time.process_time()
     task = asyncio.create_task(delivery.run())

@@ -36,8 +36,11 @@ def wait_subject(server: peers.GannetProcess, subject: str, address: str = "alic
 
 
 def worker_pids(server: peers.GannetProcess) -> list[int]:
-    return [pid for pid in peers.child_pids(server.pid)
-            if b"deliver-worker" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    return [
+        pid
+        for pid in peers.child_pids(server.pid)
+        if b"deliver-worker" in open(f"/proc/{pid}/cmdline", "rb").read()
+    ]
 
 
 def test_sighup_refuses_a_bad_config_and_applies_a_good_one(gannet: Gannet) -> None:
@@ -50,8 +53,10 @@ def test_sighup_refuses_a_bad_config_and_applies_a_good_one(gannet: Gannet) -> N
     wait_subject(server, send(server, "still-running"))
 
     changed = good.replace('local_domains = ["example.test"]', 'local_domains = ["example.test", "new.test"]')
-    changed = changed.replace('"postmaster@example.test" = ["alice@example.test"]',
-                              '"postmaster@example.test" = ["alice@example.test"], "info@new.test" = ["alice@example.test"]')
+    changed = changed.replace(
+        '"postmaster@example.test" = ["alice@example.test"]',
+        '"postmaster@example.test" = ["alice@example.test"], "info@new.test" = ["alice@example.test"]',
+    )
     assert changed != good
     server.config_path.write_text(changed)
     os.kill(server.pid, signal.SIGHUP)

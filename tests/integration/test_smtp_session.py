@@ -15,45 +15,22 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import peers
 import pytest
-from conftest import USERS, gannet_base_config
+from conftest import USERS
 
-TRUSTED = "127.0.0.9"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tls_certs: peers.TlsCerts) -> Iterator[peers.GannetProcess]:
-    workdir = tmp_path_factory.mktemp("gannet-session")
-    config = gannet_base_config(workdir, tls_certs)
-    host = peers.GANNET_HOST
-    config["listen"].append({"address": f"{host}:{peers.free_port(host)}", "mode": "lmtp"})
-    config["relay"]["trusted_networks"] = [f"{TRUSTED}/32"]
-    config["relay"]["relay_domains"] = ["backup.test"]
-    config["mailboxes"]["aliases"] = {
-        "postmaster@example.test": ["alice@example.test"],
-        "team@example.test": ["alice@example.test", "bob@example.test"],
-        "rené@example.test": ["alice@example.test"],
-    }
-    config["smtp"] = {"max_recipients": 5, "max_message_size": "2M", "max_errors": 5}
-    config["queue"] = {"inline_body_limit": "64K"}
-    proc = peers.GannetProcess(workdir, peers.to_toml(config), start=False)
-    for address, password in USERS.items():
-        proc.cli("users", "add", address, "--password-stdin", input=password + "\n")
-    proc.start()
-    yield proc
-    assert proc.stop() == 0
-    assert "Traceback" not in proc.log_text(), proc.log_text()[-3000:]
+from .conftest import TRUSTED
 
 
 def smtp(server: peers.GannetProcess, mode: str = "mx", *, trusted: bool = False) -> smtplib.SMTP:
     host, port = server.address(mode)
     source = (TRUSTED, 0) if trusted else None
     if mode == "submissions":
-        ctx = ssl.create_default_context(cafile=str(server.config["tls"]["cert"]).replace("cert.pem", "ca.pem"))
+        ctx = ssl.create_default_context(
+            cafile=str(server.config["tls"]["cert"]).replace("cert.pem", "ca.pem")
+        )
         return smtplib.SMTP_SSL(host, port, context=ctx, source_address=source, timeout=10)
     return smtplib.SMTP(host, port, source_address=source, timeout=10)
 
@@ -62,13 +39,23 @@ def client_context(server: peers.GannetProcess) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(Path(server.config["tls"]["cert"]).with_name("ca.pem")))
 
 
-def message(subject: str, *, sender: str = "someone@elsewhere.test", to: str = "alice@example.test",
-            extra: str = "", body: str = "hello\r\n") -> bytes:
+def message(
+    subject: str,
+    *,
+    sender: str = "someone@elsewhere.test",
+    to: str = "alice@example.test",
+    extra: str = "",
+    body: str = "hello\r\n",
+) -> bytes:
     mid = f"<{subject.replace(' ', '-')}.{time.monotonic_ns()}@test>"
-    return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: {mid}\r\n{extra}\r\n{body}").encode()
+    return (
+        f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: {mid}\r\n{extra}\r\n{body}"
+    ).encode()
 
 
-def wait_delivered(server: peers.GannetProcess, address: str, subject: str, timeout: float = 10) -> email.message.Message:
+def wait_delivered(
+    server: peers.GannetProcess, address: str, subject: str, timeout: float = 10
+) -> email.message.Message:
     def find() -> email.message.Message | None:
         for path in server.delivered(address):
             msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
@@ -88,8 +75,9 @@ class Raw:
 
     def __init__(self, server: peers.GannetProcess, mode: str = "mx", *, trusted: bool = False) -> None:
         host, port = server.address(mode)
-        self.sock = socket.create_connection((host, port), timeout=10,
-                                             source_address=(TRUSTED, 0) if trusted else None)
+        self.sock = socket.create_connection(
+            (host, port), timeout=10, source_address=(TRUSTED, 0) if trusted else None
+        )
         self.buf = b""
         self.greeting = self.reply()
 
@@ -138,7 +126,9 @@ def test_plain_message_is_queued_then_delivered_with_our_headers(server: peers.G
     assert msg["Return-Path"] == "<someone@elsewhere.test>"
     assert msg["Delivered-To"] == "alice@example.test"
     received = " ".join(msg["Received"].split())
-    assert received.startswith("from client.test ([127.0.0.1]) by mx.example.test (Gannet) with ESMTP id " + queue_id)
+    assert received.startswith(
+        "from client.test ([127.0.0.1]) by mx.example.test (Gannet) with ESMTP id " + queue_id
+    )
     assert "for <alice@example.test>" in received
     assert f"{queue_id}: to=<alice@example.test>, relay=maildir" in server.log_text()
 
@@ -172,8 +162,10 @@ def test_pipelined_group_in_one_write(server: peers.GannetProcess) -> None:
     raw = Raw(server)
     assert "PIPELINING" in raw.cmd("EHLO pipeliner.test")
     body = message("pipelined").replace(b"\r\n.", b"\r\n..")
-    raw.send(b"MAIL FROM:<p@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<nobody@example.test>\r\n"
-             b"RCPT TO:<bob@example.test>\r\nDATA\r\n")
+    raw.send(
+        b"MAIL FROM:<p@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<nobody@example.test>\r\n"
+        b"RCPT TO:<bob@example.test>\r\nDATA\r\n"
+    )
     assert raw.reply().startswith("250 2.1.0")
     assert raw.reply().startswith("250 2.1.5")
     assert raw.reply().startswith("550 5.1.1")
@@ -191,7 +183,9 @@ def test_bdat_chunks(server: peers.GannetProcess) -> None:
     assert "CHUNKING" in raw.cmd("EHLO chunker.test")
     assert raw.cmd("MAIL FROM:<c@elsewhere.test> BODY=8BITMIME").startswith("250")
     assert raw.cmd("RCPT TO:<bob@example.test>").startswith("250")
-    msg = message("chunked", body="caf\u00e9 line\r\n.leading dot stays\r\n").replace(b"caf\\u00e9", "café".encode())
+    msg = message("chunked", body="caf\u00e9 line\r\n.leading dot stays\r\n").replace(
+        b"caf\\u00e9", "café".encode()
+    )
     first, second = msg[:30], msg[30:]
     raw.send(b"BDAT %d\r\n" % len(first) + first)
     assert raw.reply() == f"250 2.0.0 {len(first)} octets received"
@@ -206,8 +200,9 @@ def test_smtputf8_address(server: peers.GannetProcess) -> None:
     with smtp(server) as s:
         s.ehlo("utf8.test")
         assert s.has_extn("smtputf8")
-        s.sendmail("sender@elsewhere.test", ["rené@example.test"], message("utf8 alias"),
-                   mail_options=["SMTPUTF8"])
+        s.sendmail(
+            "sender@elsewhere.test", ["rené@example.test"], message("utf8 alias"), mail_options=["SMTPUTF8"]
+        )
     msg = wait_delivered(server, "alice@example.test", "utf8 alias")
     assert "UTF8SMTP" in msg["Received"]
 
@@ -233,8 +228,11 @@ def test_submission_starttls_auth_adds_message_id_and_date(server: peers.GannetP
         s.ehlo("laptop.test")
         assert "PLAIN" in s.esmtp_features["auth"]
         s.login("alice@example.test", USERS["alice@example.test"])
-        s.sendmail("alice@example.test", ["bob@example.test"],
-                   b"From: alice@example.test\r\nTo: bob@example.test\r\nSubject: submitted\r\n\r\nhi\r\n")
+        s.sendmail(
+            "alice@example.test",
+            ["bob@example.test"],
+            b"From: alice@example.test\r\nTo: bob@example.test\r\nSubject: submitted\r\n\r\nhi\r\n",
+        )
     msg = wait_delivered(server, "bob@example.test", "submitted")
     assert msg["Message-ID"] and msg["Message-ID"].endswith("@mx.example.test>")
     assert msg["Date"]
@@ -247,7 +245,9 @@ def test_submissions_implicit_tls_with_auth_login(server: peers.GannetProcess) -
     with smtplib.SMTP_SSL(host, port, context=client_context(server), timeout=10) as s:
         s.ehlo("laptop.test")
         s.login("bob@example.test", USERS["bob@example.test"])  # smtplib prefers CRAM-MD5, then PLAIN
-        s.sendmail("bob@example.test", ["alice@example.test"], message("implicit tls", sender="bob@example.test"))
+        s.sendmail(
+            "bob@example.test", ["alice@example.test"], message("implicit tls", sender="bob@example.test")
+        )
     assert "ESMTPSA" in wait_delivered(server, "alice@example.test", "implicit tls")["Received"]
     raw_sock = socket.create_connection((host, port), timeout=10)
     tls = client_context(server).wrap_socket(raw_sock, server_hostname="mx.example.test")
@@ -255,7 +255,9 @@ def test_submissions_implicit_tls_with_auth_login(server: peers.GannetProcess) -
     tls.sendall(b"EHLO x\r\n")
     time.sleep(0.2)
     tls.recv(1000)
-    user, password = (base64.b64encode(x.encode()) for x in ("alice@example.test", USERS["alice@example.test"]))
+    user, password = (
+        base64.b64encode(x.encode()) for x in ("alice@example.test", USERS["alice@example.test"])
+    )
     tls.sendall(b"AUTH LOGIN\r\n")
     assert tls.recv(1000).startswith(b"334 VXNlcm5hbWU6")
     tls.sendall(user + b"\r\n")
@@ -350,8 +352,10 @@ def test_smuggling_probes_never_split_a_message(server: peers.GannetProcess, pro
     raw.cmd("MAIL FROM:<a@elsewhere.test>")
     raw.cmd("RCPT TO:<bob@example.test>")
     assert raw.cmd("DATA").startswith("354")
-    raw.send(b"Subject: outer " + marker + b"\r\n\r\nfirst" + probe + b"MAIL FROM:<x@elsewhere.test>\r\n"
-             b"RCPT TO:<alice@example.test>\r\nDATA\r\nSubject: inner " + marker + b"\r\n\r\nsecond\r\n.\r\n")
+    raw.send(
+        b"Subject: outer " + marker + b"\r\n\r\nfirst" + probe + b"MAIL FROM:<x@elsewhere.test>\r\n"
+        b"RCPT TO:<alice@example.test>\r\nDATA\r\nSubject: inner " + marker + b"\r\n\r\nsecond\r\n.\r\n"
+    )
     reply = raw.reply()
     assert reply.startswith("554 5.5.2"), reply  # bare CR/LF refused (smtp.bare_newline = reject)
     assert raw.cmd("NOOP").startswith("250"), "no smuggled command was executed"
@@ -384,8 +388,11 @@ def test_users_added_while_running_can_log_in(server: peers.GannetProcess) -> No
         s.starttls(context=client_context(server))
         s.ehlo("x")
         s.login("carol@example.test", "carol-pw")
-        s.sendmail("carol@example.test", ["carol@example.test"], message("self", sender="carol@example.test",
-                                                                            to="carol@example.test"))
+        s.sendmail(
+            "carol@example.test",
+            ["carol@example.test"],
+            message("self", sender="carol@example.test", to="carol@example.test"),
+        )
     wait_delivered(server, "carol@example.test", "self")
     server.cli("users", "remove", "carol@example.test")
     with smtp(server) as s:

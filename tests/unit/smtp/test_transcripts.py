@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from transcript_format import load_transcript, parse_transcript
 
-from .transcript import load_transcript, parse_transcript, run_in_memory
+from .transcript import run_in_memory
 
 TRANSCRIPTS = sorted((Path(__file__).parent / "transcripts").glob("*.txt"))
 
