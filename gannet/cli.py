@@ -113,13 +113,17 @@ def load_config(args: argparse.Namespace) -> Config:
 
 # -- serve / check-config ------------------------------------------------------------
 def setup_logging(fmt: str, level: str) -> None:
-    from gannet.maillog import JsonFormatter, use_structured_records
+    from gannet import maillog
+    from gannet.maillog import JsonFormatter
 
     # Not needed in our lines, and each costs time on every record (frame walk).
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = False
     logging.logMultiprocessing = False
-    use_structured_records(fmt == "json")
+    maillog.configure(
+        structured=fmt == "json",
+        fast_stream=sys.stderr if fmt == "text" and level in ("debug", "info") else None,
+    )
 
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":

@@ -15,19 +15,51 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from typing import TextIO
 
 log = logging.getLogger("gannet.mail")
 
-# Set by `use_structured_records(True)` when the JSON formatter is in use: only
-# then is it worth building the per-record field dict (it costs on every line).
+# How lines leave, chosen once by the CLI at start-up (`configure`):
+# - default: the `logging` module, plain records (tests use caplog on this);
+# - structured: `logging` with the field dict the JSON formatter needs;
+# - a fast text sink: one pre-formatted write per line, no LogRecord. Mail
+#   lines are the hot path of logging (three or four per message), and the
+#   logging machinery cost ~8% of the accept path's CPU in a profile.
 _structured = False
+_sink: Callable[[str], None] | None = None
 
 
-def use_structured_records(enabled: bool) -> None:
-    global _structured
-    _structured = enabled
+def configure(*, structured: bool = False, fast_stream: TextIO | None = None) -> None:
+    global _structured, _sink
+    _structured = structured
+    _sink = _FastTextSink(fast_stream) if fast_stream is not None and not structured else None
+
+
+class _FastTextSink:
+    """Writes "TIMESTAMP gannet[PID]: line" like the CLI's text formatter, with the
+    timestamp prefix rebuilt once a second."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.pid = os.getpid()
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, line: str) -> None:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + f" gannet[{self.pid}]: "
+        try:
+            self.stream.write(self.prefix + line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # logging must not break mail flow
+
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -38,13 +70,15 @@ def _clean(value: object, limit: int = 300) -> str:
 
 
 def _emit(queue_id: str, fields: dict[str, object], tail: str = "") -> None:
-    if not log.isEnabledFor(logging.INFO):
+    if _sink is None and not log.isEnabledFor(logging.INFO):
         return
     body = ", ".join(f"{k}={_clean(v)}" for k, v in fields.items() if v not in (None, ""))
     line = f"{queue_id}: {body}" if queue_id else body
     if tail:
         line += f" ({_clean(tail, 500)})"
-    if _structured:
+    if _sink is not None:
+        _sink(line)
+    elif _structured:
         log.info(line, extra={"gannet_fields": {"queue_id": queue_id, **fields, "detail": tail}})
     else:
         log.info(line)

@@ -18,12 +18,15 @@ not acknowledged is simply not queued.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any
 
 from gannet import maillog
 from gannet.config import BareNewlinePolicy, Listener, ListenMode
@@ -80,8 +83,7 @@ class Session:
         self.session_id = new_queue_id()
         self.client_ip, self.client_port = wire.peername()
         self.client = f"[{self.client_ip}]:{self.client_port}"
-        self.trusted = is_trusted(self.client_ip, self.config.relay.trusted_networks)
-        self.loopback = _is_loopback(self.client_ip)
+        self.trusted, self.loopback = _client_facts(self.client_ip, self.config.relay.trusted_networks)
         self.tls_version = ""
         self.tls_text = ""
         if implicit_tls:
@@ -93,18 +95,6 @@ class Session:
         self._out: list[bytes] = []
         self._closing = False
         self._waiting_for_command = False
-        self._handlers: dict[type[ev.Event], Callable[..., object]] = {
-            ev.Helo: self.on_helo,
-            ev.Ehlo: self.on_ehlo,
-            ev.MailFrom: self.on_mail,
-            ev.RcptTo: self.on_rcpt,
-            ev.Data: self.on_data,
-            ev.Rset: self.on_rset,
-            ev.Noop: lambda e: R.R250_OK,
-            ev.Vrfy: lambda e: R.R252_CANNOT_VRFY,
-            ev.Help: lambda e: R.R214_HELP,
-            ev.Quit: lambda e: R.R221_BYE,
-        }
 
     # -- options ----------------------------------------------------------------
     def _options(self, *, tls: bool) -> ServerOptions:
@@ -223,8 +213,8 @@ class Session:
                 return
             case _:
                 self.counts[_COUNT_NAMES.get(type(event), type(event).__name__.lower())] += 1
-                handler = self._handlers.get(type(event))
-                reply = handler(event) if handler else R.R502_NOT_IMPLEMENTED
+                handler = _HANDLERS.get(type(event))
+                reply = handler(self, event) if handler else R.R502_NOT_IMPLEMENTED
                 assert isinstance(reply, Reply)
                 self._write(conn.send(reply))
 
@@ -441,6 +431,27 @@ class Session:
         if self._waiting_for_command and not self.conn.closed:
             self.wire.write(self.conn.close_with(R.R421_SHUTTING_DOWN))
             self.wire.close()
+
+
+# Plain commands answered from the session's own state (one table, built once).
+_HANDLERS: dict[type[ev.Event], Callable[[Session, Any], Reply]] = {
+    ev.Helo: Session.on_helo,
+    ev.Ehlo: Session.on_ehlo,
+    ev.MailFrom: Session.on_mail,
+    ev.RcptTo: Session.on_rcpt,
+    ev.Data: Session.on_data,
+    ev.Rset: Session.on_rset,
+    ev.Noop: lambda s, e: R.R250_OK,
+    ev.Vrfy: lambda s, e: R.R252_CANNOT_VRFY,
+    ev.Help: lambda s, e: R.R214_HELP,
+    ev.Quit: lambda s, e: R.R221_BYE,
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_facts(ip: str, networks: tuple[IPv4Network | IPv6Network, ...]) -> tuple[bool, bool]:
+    """(trusted, loopback) for a client address; cached, as clients come back."""
+    return is_trusted(ip, networks), _is_loopback(ip)
 
 
 def _is_loopback(ip: str) -> bool:
