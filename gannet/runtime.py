@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import pickle
+import resource
 import signal
 import sys
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ class Server:
 
     async def run(self) -> int:
         config = self.config
+        _raise_open_files_limit(config.smtp.max_sessions)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         (config.data_dir / "spool").mkdir(exist_ok=True)
         store = open_store(config)
@@ -155,6 +157,18 @@ class Server:
         if {"mailboxes", "delivery", "queue", "hostname"} & set(changed):
             self.delivery.config = new
             self._restart = asyncio.get_running_loop().create_task(self.delivery.restart(SHUTDOWN_GRACE))
+
+
+def _raise_open_files_limit(sessions: int) -> None:
+    """Each session is a socket: lift the soft fd limit toward the hard one so that
+    `smtp.max_sessions` can actually be reached (the default soft limit is 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = sessions + 256 if hard == resource.RLIM_INFINITY else min(hard, sessions + 256)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        log.info("open files limit raised from %d to %d", soft, want)
+    if hard != resource.RLIM_INFINITY and hard < sessions + 256:
+        log.warning("the hard open files limit (%d) is below smtp.max_sessions (%d)", hard, sessions)
 
 
 class DeliveryWorker:
