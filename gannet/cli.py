@@ -251,13 +251,14 @@ def cmd_users_remove(args: argparse.Namespace) -> int:
 def _with_store(config: Config, work: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
     from gannet.queue.sqlite import SqliteStore
 
-    if config.queue.sqlite_path is None:
+    path = config.queue.sqlite_path
+    if path is None:
         raise ConfigError(config.file, "queue.url", "the PostgreSQL store is not available in this version")
 
     async def run() -> int:
         store = SqliteStore(
-            config.queue.sqlite_path,
-            spool_dir=config.data_dir / "spool",  # type: ignore[arg-type]
+            path,
+            spool_dir=config.data_dir / "spool",
             recover=False,
         )
         await store.open()

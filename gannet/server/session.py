@@ -161,7 +161,7 @@ class Session:
                     return
                 conn.receive_data(data)
                 continue
-            if event is ev.PAUSED:  # only after STARTTLS, handled in on_starttls
+            if isinstance(event, ev.Sentinel):  # PAUSED: only after STARTTLS, handled there
                 raise RuntimeError("protocol core paused unexpectedly")
             await self._dispatch(event)
 
@@ -178,7 +178,7 @@ class Session:
         finally:
             self._waiting_for_command = False
 
-    async def _dispatch(self, event: ev.Event | ev.Sentinel) -> None:
+    async def _dispatch(self, event: ev.Event) -> None:
         conn = self.conn
         match event:
             case ev.BodyChunk(data=data):

@@ -121,7 +121,7 @@ class Wire(asyncio.Protocol):
         )
         if new is None:
             raise ConnectionError("TLS handshake did not complete")
-        self.transport = cast(asyncio.Transport, new)
+        self.transport = new
 
     @property
     def ssl_object(self) -> ssl.SSLObject | None:
