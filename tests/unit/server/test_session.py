@@ -38,22 +38,31 @@ class ControlledStore:
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[tuple[Listeners, ControlledStore]]:
     path = tmp_path / "gannet.toml"
-    path.write_text('hostname = "mx.test"\n[[listen]]\naddress = "127.0.0.1:0"\n'
-                    '[relay]\nlocal_domains = ["example.test"]\n'
-                    '[mailboxes]\naliases = { "postmaster@example.test" = ["x@elsewhere.test"] }\n')
+    path.write_text(
+        'hostname = "mx.test"\n[[listen]]\naddress = "127.0.0.1:0"\n'
+        '[relay]\nlocal_domains = ["example.test"]\n'
+        '[mailboxes]\naliases = { "postmaster@example.test" = ["x@elsewhere.test"] }\n'
+    )
     cfg = config_mod.load(path)
     store = ControlledStore()
     accounts = Accounts()
-    services = Services(config=cfg, store=store,  # type: ignore[arg-type]
-                        recipients=RecipientTable.from_config(cfg.relay, cfg.mailboxes, accounts),
-                        verifier=PasswordVerifier(lambda: accounts), tls_context=None, clock=SystemClock())
+    services = Services(
+        config=cfg,
+        store=store,  # type: ignore[arg-type]
+        recipients=RecipientTable.from_config(cfg.relay, cfg.mailboxes, accounts),
+        verifier=PasswordVerifier(lambda: accounts),
+        tls_context=None,
+        clock=SystemClock(),
+    )
     listeners = Listeners(services)
     await listeners.start()
     yield listeners, store
     await listeners.stop(5)
 
 
-async def dialog(port: int, lines: list[bytes]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, list[bytes]]:
+async def dialog(
+    port: int, lines: list[bytes]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, list[bytes]]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     replies = [await reader.readline()]
     for line in lines:
@@ -65,15 +74,20 @@ async def dialog(port: int, lines: list[bytes]) -> tuple[asyncio.StreamReader, a
     return reader, writer, replies
 
 
-MESSAGE = [b"EHLO c.test\r\n", b"MAIL FROM:<a@elsewhere.test>\r\n", b"RCPT TO:<postmaster@example.test>\r\n",
-           b"DATA\r\n"]
+MESSAGE = [
+    b"EHLO c.test\r\n",
+    b"MAIL FROM:<a@elsewhere.test>\r\n",
+    b"RCPT TO:<postmaster@example.test>\r\n",
+    b"DATA\r\n",
+]
 
 
 async def test_a_store_failure_answers_451_and_the_session_goes_on(
-        running: tuple[Listeners, ControlledStore]) -> None:
+    running: tuple[Listeners, ControlledStore],
+) -> None:
     listeners, store = running
     store.fail = True
-    (_, port), = listeners.bound_ports()
+    ((_, port),) = listeners.bound_ports()
     reader, writer, replies = await dialog(port, [*MESSAGE, b"Subject: x\r\n\r\nbody\r\n.\r\n"])
     assert replies[-1].startswith(b"451 4.3.0")
     writer.write(b"NOOP\r\n")
@@ -83,7 +97,7 @@ async def test_a_store_failure_answers_451_and_the_session_goes_on(
 
 async def test_250_is_sent_only_after_the_commit_returns(running: tuple[Listeners, ControlledStore]) -> None:
     listeners, store = running
-    (_, port), = listeners.bound_ports()
+    ((_, port),) = listeners.bound_ports()
     reader, writer, replies = await dialog(port, MESSAGE)
     assert replies[-1].startswith(b"354")
     writer.write(b"Subject: x\r\n\r\nbody\r\n.\r\n")

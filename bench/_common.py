@@ -1,0 +1,105 @@
+"""Shared pieces of the benchmarks in bench/: where the peers are, how Gannet is configured, tables.
+
+The benchmarks start the same real peers as the tests, through tests/peers.py
+(Gannet as ``python -m gannet serve``, a private Postfix, smtp-source).
+Every run gets a fresh directory ``/tmp/gannet-bench-NAME-XXXX`` (world-
+searchable, so Postfix's and Dovecot's users can reach it), removed at the
+end unless ``--keep``. Nothing listens outside loopback: Gannet on 127.0.0.1,
+Postfix on 127.0.0.2, each on a free port.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import peers  # noqa: E402  (tests/peers.py, found through the line above)
+
+BENCH_USER = "alice@example.test"
+BENCH_PASSWORD = "bench-password"
+
+
+def require(*programs: str) -> None:
+    """Exit with a clear message when a program the benchmark needs is missing."""
+    for program in programs:
+        if not peers.find_program(program):
+            package = peers.PACKAGES.get(program, "that provides it")
+            sys.exit(f"bench: {program} is not installed; install the Debian package {package}")
+
+
+def workdir(name: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=f"gannet-bench-{name}-", dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def remove(path: Path, keep: bool) -> None:
+    if keep:
+        print(f"(kept {path})")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def gannet_config(work: Path, *, smtp: dict[str, Any] | None = None) -> str:
+    """Gannet as the benchmarks run it: one mx listener, local domain example.test, Maildirs, no TLS."""
+    host = peers.GANNET_HOST
+    config: dict[str, Any] = {
+        "hostname": "mx.example.test",
+        "data_dir": str(work / "var"),
+        "listen": [{"address": f"{host}:{peers.free_port(host)}", "mode": "mx"}],
+        "relay": {"local_domains": ["example.test"], "trusted_networks": ["127.0.0.0/8"]},
+        "mailboxes": {"maildir": str(work / "mail" / "{domain}" / "{user}"),
+                      "users_file": str(work / "users")},
+        "admin": {"address": f"{host}:{peers.free_port(host)}"},
+    }
+    if smtp:
+        config["smtp"] = smtp
+    return peers.to_toml(config)
+
+
+def start_gannet(work: Path, *, smtp: dict[str, Any] | None = None, nofile: int | None = None,
+                 ) -> peers.GannetProcess:
+    """A fresh Gannet in ``work/gannet`` with the account alice@example.test."""
+    g = peers.GannetProcess(work / "gannet", gannet_config(work / "gannet", smtp=smtp), start=False,
+                            nofile=nofile)
+    g.cli("users", "add", BENCH_USER, "--password-stdin", input=BENCH_PASSWORD + "\n")
+    g.start()
+    return g
+
+
+def start_postfix(work: Path, *, process_limit: int = 100) -> peers.PostfixInstance:
+    """A fresh private Postfix delivering alice@example.test into a Maildir with virtual(8)."""
+    return peers.PostfixInstance(work / "postfix", mode="maildir", mailboxes=(BENCH_USER,),
+                                 process_limit=process_limit)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain text table, right-aligned numbers, for the terminal and for bench/README.md."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        padded = (c.rjust(w) if n and _numeric(c) else c.ljust(w) for c, w in zip(row, widths, strict=True))
+        lines.append("  ".join(padded))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _numeric(c: str) -> bool:
+    return c.replace(",", "").replace(".", "").replace("x", "").replace("-", "").isdigit()

@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Accept rate and CPU per message: smtp-source against Gannet and against Postfix, same flags.
+
+For each number of sessions (default 1, 10, 50) and each connection style
+(``one``: a new connection per message, smtp-source's default; ``many``:
+each session sends all its messages over one connection, ``-d``), a fresh
+server gets ``smtp-source -s SESSIONS -m MESSAGES -l 4096 -t alice@example.test``
+(4 KiB bodies, one recipient). Both servers do the same durable work:
+
+- Gannet: 250 only after the queue commit is fsync'd, then delivery into a
+  Maildir (tmp → fsync → new);
+- Postfix 3.7 (a private instance, defaults otherwise): smtpd → cleanup
+  fsyncs the queue file before 250, then virtual(8) writes the Maildir file
+  with fsync.
+
+Reported per run:
+- msgs/s: MESSAGES / smtp-source's wall time (the accept rate a client sees);
+- drain s: from smtp-source's end until the last message is in the Maildir;
+- CPU ms/msg: the server's CPU time over the run divided by MESSAGES, both
+  during smtp-source (accept) and until the Maildir is complete (total).
+  Gannet: utime+stime of its process (all threads) plus any children, from
+  /proc/PID/stat. Postfix: the whole instance, i.e. the master's own
+  utime+stime, plus cutime+cstime of the daemons it has reaped (smtpd,
+  cleanup, virtual … that exited), plus utime+stime of the daemons still
+  alive (/proc scan for the master's descendants). Before/after differences.
+- ratio: Gannet / Postfix for msgs/s (higher is better for Gannet) and for
+  CPU per message (lower is better for Gannet).
+smtp-source runs on the same 2 cores and takes its share of them for both.
+
+``--profile DIR`` also samples Gannet with py-spy during each of its runs
+(100 Hz, ``--nonblocking``, idle threads excluded) and writes the collapsed
+stacks to ``DIR/gannet-SESSIONS-STYLE.txt`` (feed them to flamegraph.pl or
+speedscope), then prints where the samples fall: the functions on top of
+the stack (self) and the Gannet functions anywhere on it (inclusive).
+Profiling costs Gannet some speed; use it for the shape, not the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import _common
+from _common import peers
+
+SERVERS = ("gannet", "postfix")
+
+
+@dataclass
+class Run:
+    server: str
+    sessions: int
+    style: str
+    messages: int
+    wall: float = 0.0
+    drain: float = 0.0
+    cpu_accept: float = 0.0
+    cpu_total: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.wall
+
+    def ms_per_msg(self, cpu: float) -> float:
+        return 1000 * cpu / self.messages
+
+
+def count_new(maildir: os.PathLike[str]) -> int:
+    try:
+        return len(os.listdir(os.path.join(maildir, "new")))
+    except FileNotFoundError:
+        return 0
+
+
+class Profiler:
+    """py-spy recording a process until stopped; ``summary()`` reads its collapsed stacks."""
+
+    def __init__(self, pid: int, output: Path) -> None:
+        self.output = output
+        program = peers.find_program("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        argv = [program, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--function",
+                "--nonblocking", "--output", str(output)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def summary(self, top: int = 15) -> str:
+        own: Counter[str] = Counter()
+        inclusive: Counter[str] = Counter()
+        total = 0
+        for line in self.output.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            n = int(count)
+            frames = stack.split(";")
+            total += n
+            own[frames[-1]] += n
+            for frame in {f for f in frames if "gannet/" in f}:
+                inclusive[frame] += n
+        if not total:
+            return "no samples"
+
+        def rows(c: Counter[str]) -> list[list[object]]:
+            return [[f"{100 * n / total:.1f}%", frame[:120]] for frame, n in c.most_common(top)]
+        return (f"{total} samples\n\nself (top of stack):\n{_common.table(['share', 'function'], rows(own))}"
+                f"\n\ninclusive, Gannet functions:\n{_common.table(['share', 'function'], rows(inclusive))}")
+
+
+def run_once(server: str, sessions: int, style: str, messages: int, size: int, keep: bool,
+             profile: Path | None = None) -> Run:
+    run = Run(server, sessions, style, messages)
+    work = _common.workdir(f"accept-{server}-{sessions}-{style}")
+    try:
+        if server == "gannet":
+            g = _common.start_gannet(work)
+            target, maildir, stop = g.target(), g.maildir(_common.BENCH_USER), g.stop
+
+            def cpu() -> float:
+                return peers.process_tree_cpu_seconds(g.pid)
+        else:
+            pf = _common.start_postfix(work, process_limit=max(100, 2 * sessions + 20))
+            target, maildir, cpu, stop = pf.target, pf.maildir(_common.BENCH_USER), pf.cpu_seconds, pf.close
+        profiler = None
+        if profile and server == "gannet":
+            profile.mkdir(parents=True, exist_ok=True)
+            profiler = Profiler(g.pid, profile / f"gannet-{sessions}-{style}.txt")
+        try:
+            cpu0 = cpu()
+            result = peers.smtp_source(target, messages=messages, sessions=sessions,
+                                       keep_connection=(style == "many"), size=size,
+                                       sender="bench@client.test", recipient=_common.BENCH_USER,
+                                       helo="client.test", timeout=3600)
+            run.wall = result.elapsed
+            run.cpu_accept = cpu() - cpu0
+            end = time.monotonic()
+            peers.wait_progress(lambda: count_new(maildir), messages, stall=120, what=f"{server} delivery")
+            run.drain = time.monotonic() - end
+            run.cpu_total = cpu() - cpu0
+        finally:
+            if profiler:
+                profiler.stop()
+                print(profiler.summary(), file=sys.stderr)
+            stop()
+    finally:
+        _common.remove(work, keep)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per run (default 20000)")
+    parser.add_argument("--quick", action="store_true", help="2000 messages per run: a smoke test")
+    parser.add_argument("--sessions", default="1,10,50", help="session counts (default 1,10,50)")
+    parser.add_argument("--styles", default="one,many",
+                        help="one (a connection per message), many (smtp-source -d); default both")
+    parser.add_argument("--servers", default=",".join(SERVERS), help="gannet,postfix (default both)")
+    parser.add_argument("--size", type=int, default=4096, help="body bytes (smtp-source -l, default 4096)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directories")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample Gannet with py-spy; collapsed stacks into DIR (see below)")
+    args = parser.parse_args(argv)
+    messages = 2000 if args.quick else args.messages
+    sessions = [int(s) for s in args.sessions.split(",")]
+    styles = args.styles.split(",")
+    servers = args.servers.split(",")
+    if not set(styles) <= {"one", "many"} or not set(servers) <= set(SERVERS):
+        parser.error("--styles takes one,many and --servers gannet,postfix")
+    _common.require("smtp-source", *(["postfix"] if "postfix" in servers else []))
+    peers.raise_nofile(4096)
+
+    runs: dict[tuple[str, int, str], Run] = {}
+    for n in sessions:
+        for style in styles:
+            for server in servers:
+                print(f"… {server}: {messages} messages, {n} sessions, {style} per connection",
+                      file=sys.stderr, flush=True)
+                runs[server, n, style] = r = run_once(server, n, style, messages, args.size, args.keep,
+                                                      args.profile)
+                print(f"  {r.rate:,.0f} msgs/s, {r.ms_per_msg(r.cpu_total):.2f} ms CPU/msg",
+                      file=sys.stderr, flush=True)
+
+    rows = []
+    for (server, n, style), r in runs.items():
+        ratio_rate = ratio_cpu = ""
+        other = runs.get(("postfix", n, style))
+        if server == "gannet" and other:
+            ratio_rate = f"{r.rate / other.rate:.2f}x"
+            ratio_cpu = f"{r.cpu_total / other.cpu_total:.2f}x"
+        rows.append([server, n, "1 per conn" if style == "one" else "all on 1 conn", r.rate, r.wall, r.drain,
+                     r.ms_per_msg(r.cpu_accept), r.ms_per_msg(r.cpu_total), ratio_rate, ratio_cpu])
+    print(f"\n{messages} messages of {args.size} bytes, 1 recipient each; "
+          f"{os.cpu_count()} CPUs; CPU ms/msg = server CPU / messages\n")
+    print(_common.table(["server", "sessions", "connections", "msgs/s", "wall s", "drain s",
+                         "CPU ms/msg accept", "CPU ms/msg total", "rate G/P", "CPU G/P"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

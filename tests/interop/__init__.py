@@ -1,0 +1,1 @@
+"""Interop tests: Gannet against real third-party peers (tests/peers.py starts them)."""
