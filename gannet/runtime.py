@@ -44,7 +44,11 @@ def open_store(config: Config) -> QueueStore:
         raise ConfigError(
             config.file, "queue.url", "the PostgreSQL store is not available in this version", '"sqlite:"'
         )
-    return SqliteStore(config.queue.sqlite_path, spool_dir=config.data_dir / "spool")
+    # Leases are the delivery worker's to release (delivery/worker.py), once it
+    # holds the worker lock, i.e. once any previous worker has really exited.
+    return SqliteStore(
+        config.queue.sqlite_path, spool_dir=config.data_dir / "spool", release_leases_on_open=False
+    )
 
 
 @dataclass(slots=True)

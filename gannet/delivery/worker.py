@@ -18,16 +18,22 @@ Protocol with the parent (runtime.DeliveryWorker):
   in flight, record them, exit), so no worker outlives its server;
 - SIGTERM: the same graceful stop. A config reload restarts the worker.
 
-At start the worker releases the leases of its owner name: a predecessor that
-died holding them cannot deliver them any more.
+One worker per data directory: at start it takes an exclusive lock on
+`data_dir/delivery.lock` (waiting while a predecessor still finishes its last
+writes, e.g. after its server was killed and restarted at once), and only
+then releases the leases of its owner name: whoever held them is gone. The
+server's own crash recovery leaves leases alone for this reason; releasing
+them under a live predecessor would deliver its last messages twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
+from pathlib import Path
 
 from gannet.clock import SystemClock
 from gannet.config import Config
@@ -42,6 +48,7 @@ OWNER = "local"
 async def run_worker(config: Config, wake_fd: int) -> int:
     if config.queue.sqlite_path is None:
         raise RuntimeError("the delivery worker needs the SQLite store")
+    lock = await _take_worker_lock(config.data_dir / "delivery.lock")
     store = SqliteStore(config.queue.sqlite_path, spool_dir=config.data_dir / "spool", recover=False)
     await store.open()
     try:
@@ -83,3 +90,14 @@ async def run_worker(config: Config, wake_fd: int) -> int:
         return 0
     finally:
         await store.close()
+        os.close(lock)  # releases the flock
+
+
+async def _take_worker_lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("delivery worker: waiting for the previous worker to finish (%s)", path)
+        await asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd, fcntl.LOCK_EX)
+    return fd

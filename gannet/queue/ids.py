@@ -97,9 +97,7 @@ class QueueIdGenerator:
         with self._lock:
             last = self._last
             if millis > last >> _RANDOM_BITS:
-                value = (millis << _RANDOM_BITS) | (
-                    int.from_bytes(os.urandom(3), "big") & _RANDOM_MASK
-                )
+                value = (millis << _RANDOM_BITS) | (int.from_bytes(os.urandom(3), "big") & _RANDOM_MASK)
             else:
                 # Same millisecond, or the clock went back: stay monotonic.
                 # Overflowing the random part just borrows the next millisecond.

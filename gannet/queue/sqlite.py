@@ -75,10 +75,15 @@ class SqliteStore:
         node: str = "local",
         clock: Callable[[], float] = time.time,
         recover: bool = True,
+        release_leases_on_open: bool = True,
         max_batch: int = 512,
     ) -> None:
         """`clock` is read only to date crash-recovery events (open() has no `now`).
-        `max_batch` bounds how many requests one transaction carries."""
+        `max_batch` bounds how many requests one transaction carries.
+        `release_leases_on_open=False` leaves leases to their owners: for a server
+        whose delivery worker releases them itself, once it knows its predecessor
+        has exited (it may still be finishing its last writes when the server
+        restarts; releasing them under it would deliver those messages twice)."""
         self.path = Path(path).absolute()
         self.spool_dir = Path(spool_dir).absolute()
         if self.path.is_relative_to(self.spool_dir):
@@ -86,6 +91,7 @@ class SqliteStore:
             raise ValueError(f"the queue database {self.path} must not be inside {self.spool_dir}")
         self._ctx = ops.Ctx(self.spool_dir, node, clock)
         self._recover = recover
+        self._release_leases = release_leases_on_open
         self._max_batch = max_batch
         self._writer: Writer | None = None
         self._closing = False
@@ -113,7 +119,7 @@ class SqliteStore:
         self._writer = writer
         self._closing = False
         try:
-            found = await self._call(recovery.open_store, self._recover)
+            found = await self._call(recovery.open_store, (self._recover, self._release_leases))
         except BaseException:
             await self.close()
             raise

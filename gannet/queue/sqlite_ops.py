@@ -76,9 +76,7 @@ _INSERT_RECIPIENT = """
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)
 """
 _INSERT_BODY = "INSERT INTO bodies (queue_id, data) VALUES (?, ?)"
-_INSERT_HISTORY = (
-    "INSERT INTO history (queue_id, at, recipient, event, detail) VALUES (?, ?, ?, ?, ?)"
-)
+_INSERT_HISTORY = "INSERT INTO history (queue_id, at, recipient, event, detail) VALUES (?, ?, ?, ?, ?)"
 
 
 def spool_name(ctx: Ctx, body: SpooledBody) -> str:
@@ -99,9 +97,7 @@ def _checked_spool_path(ctx: Ctx, m: NewMessage, body: SpooledBody) -> str:
     return spool_path
 
 
-def enqueue_many(
-    ctx: Ctx, conn: sqlite3.Connection, txn: Txn, batch: list[NewMessage]
-) -> list[None]:
+def enqueue_many(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, batch: list[NewMessage]) -> list[None]:
     """Insert whole messages: one executemany per table for the whole batch."""
     messages, recipients, bodies = [], [], []
     spool_dirs: set[Path] = set()
@@ -165,9 +161,7 @@ _CLAIM_COLUMNS = """
 """
 # `due_at <= ?` implies `due_at IS NOT NULL`, so SQLite uses the partial indexes.
 CLAIM_SQL = _CLAIM_COLUMNS + "WHERE due_at <= ? ORDER BY due_at LIMIT ?"
-CLAIM_BY_TRANSPORT_SQL = (
-    _CLAIM_COLUMNS + "WHERE transport = ? AND due_at <= ? ORDER BY due_at LIMIT ?"
-)
+CLAIM_BY_TRANSPORT_SQL = _CLAIM_COLUMNS + "WHERE transport = ? AND due_at <= ? ORDER BY due_at LIMIT ?"
 _LEASE = """
     UPDATE recipients SET state = 'delivering', lease_owner = ?, lease_token = ?, lease_until = ?
     WHERE id = ?
@@ -236,9 +230,7 @@ NEXT_DUE_SQL = "SELECT MIN(due_at) FROM recipients WHERE due_at IS NOT NULL"
 NEXT_DUE_BY_TRANSPORT_SQL = NEXT_DUE_SQL + " AND transport = ?"
 
 
-def next_due(
-    ctx: Ctx, conn: sqlite3.Connection, txn: Txn, transport: Transport | None
-) -> float | None:
+def next_due(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, transport: Transport | None) -> float | None:
     if transport is None:
         row = conn.execute(NEXT_DUE_SQL).fetchone()
     else:
@@ -262,9 +254,7 @@ _SET_FAILED = (
     "UPDATE recipients SET state = 'failed', attempts = attempts + 1, last_error = ?, "
     f"{_CLEAR_LEASE} {_FENCE}"
 )
-_UNFINISHED = (
-    "SELECT 1 FROM recipients WHERE queue_id = ? AND state NOT IN ('delivered', 'failed') LIMIT 1"
-)
+_UNFINISHED = "SELECT 1 FROM recipients WHERE queue_id = ? AND state NOT IN ('delivered', 'failed') LIMIT 1"
 
 RecordArgs = tuple[Sequence[RecipientOutcome], Sequence[NewMessage]]
 
@@ -324,9 +314,7 @@ def _unlink(path: Path) -> None:
 
 
 def _flags(conn: sqlite3.Connection, queue_id: str) -> tuple[bool, bool]:
-    row = conn.execute(
-        "SELECT held, quarantined FROM messages WHERE queue_id = ?", (queue_id,)
-    ).fetchone()
+    row = conn.execute("SELECT held, quarantined FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
     if row is None:
         raise NoSuchMessage(queue_id)
     return bool(row[0]), bool(row[1])
@@ -334,9 +322,7 @@ def _flags(conn: sqlite3.Connection, queue_id: str) -> tuple[bool, bool]:
 
 def _set_held(conn: sqlite3.Connection, queue_id: str, held: bool, quarantined: bool) -> None:
     conn.execute("UPDATE messages SET held = ? WHERE queue_id = ?", (held, queue_id))
-    conn.execute(
-        "UPDATE recipients SET parked = ? WHERE queue_id = ?", (held or quarantined, queue_id)
-    )
+    conn.execute("UPDATE recipients SET parked = ? WHERE queue_id = ?", (held or quarantined, queue_id))
 
 
 def hold(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, float]) -> None:
@@ -362,9 +348,7 @@ def retry(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str | None, f
         rows = conn.execute(sql + " RETURNING queue_id", (now,)).fetchall()
     else:
         _flags(conn, queue_id)
-        rows = conn.execute(
-            sql + " AND queue_id = ? RETURNING queue_id", (now, queue_id)
-        ).fetchall()
+        rows = conn.execute(sql + " AND queue_id = ? RETURNING queue_id", (now, queue_id)).fetchall()
     messages = dict.fromkeys(row[0] for row in rows)
     conn.executemany(_INSERT_HISTORY, [(qid, now, "", "retry", "") for qid in messages])
     return len(rows)

@@ -30,9 +30,7 @@ from gannet.queue.sqlite_writer import Txn
 log = logging.getLogger("gannet.queue")
 
 
-def body_source(
-    ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str
-) -> bytes | tuple[Path, int]:
+def body_source(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str) -> bytes | tuple[Path, int]:
     """The inline body, or (file path, expected size) to be read off the writer thread."""
     row = conn.execute(
         "SELECT m.spool_path, m.size, b.data FROM messages m "
@@ -79,7 +77,7 @@ _RELEASE_LEASES = """
 """
 
 
-def open_store(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, recover: bool) -> Recovery:
+def open_store(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, flags: tuple[bool, bool]) -> Recovery:
     """Create or migrate the schema, then (if `recover`) tidy up after a crash:
 
     - a file in the spool directory that no message names belonged to a
@@ -92,14 +90,14 @@ def open_store(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, recover: bool) -> R
       dead (its recipients would otherwise wait `lease_seconds` for nothing).
       A late outcome from the dead holder is fenced off like any stale one.
     """
+    recover, release_leases = flags
     found = migrate(conn)
     if not recover:
         return Recovery(found, (), ())
     named = {
         path: (qid, size, bool(quarantined))
         for qid, path, size, quarantined in conn.execute(
-            "SELECT queue_id, spool_path, size, quarantined FROM messages "
-            "WHERE spool_path IS NOT NULL"
+            "SELECT queue_id, spool_path, size, quarantined FROM messages WHERE spool_path IS NOT NULL"
         )
     }
     removed = _remove_unnamed_files(ctx.spool_dir, named)
@@ -115,7 +113,7 @@ def open_store(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, recover: bool) -> R
         if problem is not None:
             quarantine(ctx, conn, txn, (qid, problem, ctx.clock()))
             quarantined.append(qid)
-    released = conn.execute(_RELEASE_LEASES).rowcount
+    released = conn.execute(_RELEASE_LEASES).rowcount if release_leases else 0
     return Recovery(found, tuple(removed), tuple(quarantined), released)
 
 

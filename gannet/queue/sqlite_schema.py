@@ -128,9 +128,7 @@ def connect(path: Path) -> sqlite3.Connection:
     itself, so that a whole batch of requests is one transaction.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=True, cached_statements=256
-    )
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True, cached_statements=256)
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":

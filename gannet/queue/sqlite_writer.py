@@ -240,9 +240,7 @@ class Writer:
         _resolve(done)
 
     @staticmethod
-    def _run_jobs(
-        conn: sqlite3.Connection, txn: Txn, jobs: Sequence[Job], done: list[_Resolution]
-    ) -> None:
+    def _run_jobs(conn: sqlite3.Connection, txn: Txn, jobs: Sequence[Job], done: list[_Resolution]) -> None:
         i = 0
         while i < len(jobs):
             end = i + 1
