@@ -147,12 +147,14 @@ class SqliteStore:
         op: Callable[..., T],
         arg: Any,
         bulk: Callable[..., list[Any]] | None = None,
+        *,
+        durable: bool = True,
     ) -> T:
         writer = self._writer
         if writer is None or self._closing:
             raise QueueError("the queue store is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        writer.submit(Job(partial(op, self._ctx), arg, future, bulk))
+        writer.submit(Job(partial(op, self._ctx), arg, future, bulk, durable))
         return await future
 
     # --- the hot path ----------------------------------------------------------
@@ -171,7 +173,8 @@ class SqliteStore:
         owner: str,
         transport: Transport | None = None,
     ) -> list[Claim]:
-        return await self._call(ops.claim_due, (now, limit, lease_seconds, owner, transport))
+        # A claim need not survive a power cut (the recipient is simply due again).
+        return await self._call(ops.claim_due, (now, limit, lease_seconds, owner, transport), durable=False)
 
     async def read_body(self, queue_id: str) -> bytes:
         source = await self._call(recovery.body_source, queue_id)

@@ -64,6 +64,7 @@ class WriterStats:
     jobs: int = 0  # jobs run
     max_batch: int = 0  # largest number of jobs in one transaction
     failed_commits: int = 0
+    unsynced_commits: int = 0  # commits made without fsync (claims only; see Job.durable)
     cpu_seconds: float = 0.0  # writer-thread CPU time spent in batches
 
 
@@ -73,6 +74,11 @@ class Job:
     arg: Any
     future: asyncio.Future[Any]
     bulk: BulkOp | None = None
+    # False for work whose loss in a power cut costs nothing (lease claims: a
+    # lost claim is simply due again). A transaction made only of such jobs
+    # commits without fsync; the next durable commit fsyncs the WAL, which
+    # carries it too (the WAL is written in order).
+    durable: bool = True
 
 
 # (future, result, exception) triples handed back to an event loop.
@@ -106,6 +112,7 @@ class Writer:
         self._thread = threading.Thread(target=self._main, name=f"gannet-queue {name}", daemon=True)
         self._conn: sqlite3.Connection | None = None
         self._connect_error: BaseException | None = None
+        self._synchronous_full = True  # what connect() sets
         self.stats = stats if stats is not None else WriterStats()
 
     def start(self) -> None:
@@ -187,6 +194,7 @@ class Writer:
         while pending:
             txn = Txn()
             done: list[_Resolution] = []
+            self._set_durability(conn, any(j.durable for j in pending))
             try:
                 # IMMEDIATE: take the write lock now, so a read-then-write job
                 # cannot hit SQLITE_BUSY halfway because another process wrote.
@@ -215,6 +223,12 @@ class Writer:
                 done = [(f, None, error) for f, _, _ in done]
             self._finish(done, txn, committed)
 
+    def _set_durability(self, conn: sqlite3.Connection, full: bool) -> None:
+        """PRAGMA synchronous can only change between transactions: set it before BEGIN."""
+        if full != self._synchronous_full:
+            conn.execute("PRAGMA synchronous=FULL" if full else "PRAGMA synchronous=NORMAL")
+            self._synchronous_full = full
+
     def _commit(self, conn: sqlite3.Connection, changes_before: int) -> bool:
         try:
             conn.execute("COMMIT")
@@ -225,6 +239,8 @@ class Writer:
             return False
         if conn.total_changes != changes_before:
             self.stats.commits += 1
+            if not self._synchronous_full:
+                self.stats.unsynced_commits += 1
         return True
 
     def _finish(self, done: list[_Resolution], txn: Txn, committed: bool) -> None:

@@ -83,6 +83,17 @@ async def test_the_database_is_wal_with_synchronous_full(store: SqliteStore) -> 
     assert (mode, sync, version) == ("wal", 2, SCHEMA_VERSION)  # 2 = FULL
 
 
+async def test_claims_commit_without_fsync_and_enqueues_with(store: SqliteStore) -> None:
+    """A lease claim need not survive a power cut; an acknowledged message must."""
+    stats = store.stats
+    await store.enqueue(message())
+    assert (stats.commits, stats.unsynced_commits) == (1, 0)
+    assert len(await store.claim_due(T0, limit=10, lease_seconds=60, owner="w")) == 1
+    assert (stats.commits, stats.unsynced_commits) == (2, 1)
+    await store.enqueue(message())
+    assert (stats.commits, stats.unsynced_commits) == (3, 1)
+
+
 async def occupy_writer(store: SqliteStore) -> tuple[threading.Event, asyncio.Future[bool]]:
     """Keep the writer busy inside a transaction until the returned gate is set."""
     started, gate = threading.Event(), threading.Event()
