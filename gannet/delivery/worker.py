@@ -43,6 +43,9 @@ from gannet.queue.sqlite import SqliteStore
 log = logging.getLogger("gannet.delivery")
 
 OWNER = "local"
+# After a wake-up, collect for this long before claiming: at low concurrency
+# each message would otherwise cost its own claim and record transactions.
+GATHER = 0.01
 
 
 async def run_worker(config: Config, wake_fd: int) -> int:
@@ -63,6 +66,7 @@ async def run_worker(config: Config, wake_fd: int) -> int:
             delivery=config.delivery,
             clock=SystemClock(),
             owner=OWNER,
+            gather=GATHER,
         )
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
