@@ -107,6 +107,7 @@ class DeliveryConfig:
     give_up_after: float = 5 * 86400
     warn_after: float = 4 * 3600
     local_concurrency: int = 8  # Maildir writers working at once
+    maildir_sync: str = "batch"  # "batch": syncfs once per batch (Linux >= 5.8); "file": fsync per file
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +295,12 @@ class _Reader:
             raise self.fail(key, f"{value!r} is not a size", 'bytes, or "512K", "50M", "1G"')
         return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "")[:1].upper()]
 
+    def choice(self, t: dict[str, Any], name: str, key: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self.string(t, name, key, default)
+        if value not in allowed:
+            raise self.fail(key, f"{value!r} is not allowed", " | ".join(allowed))
+        return value
+
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.base / p
@@ -478,7 +485,7 @@ class _Reader:
             self.doc,
             "delivery",
             "delivery",
-            {"port", "retry", "give_up_after", "warn_after", "local_concurrency"},
+            {"port", "retry", "give_up_after", "warn_after", "local_concurrency", "maildir_sync"},
         )
         retry_raw = t.get("retry")
         if retry_raw is None:
@@ -495,6 +502,7 @@ class _Reader:
             give_up_after=self.duration(t, "give_up_after", "delivery.give_up_after", 5 * 86400),
             warn_after=self.duration(t, "warn_after", "delivery.warn_after", 4 * 3600),
             local_concurrency=self.integer(t, "local_concurrency", "delivery.local_concurrency", 8, 1, 256),
+            maildir_sync=self.choice(t, "maildir_sync", "delivery.maildir_sync", ("batch", "file"), "batch"),
         )
 
     def dns(self) -> DnsConfig:

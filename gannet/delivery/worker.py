@@ -67,6 +67,7 @@ async def run_worker(config: Config, wake_fd: int) -> int:
             clock=SystemClock(),
             owner=OWNER,
             gather=GATHER,
+            batch_sync=config.delivery.maildir_sync == "batch",
         )
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()

@@ -5,6 +5,7 @@ decisions (decide_outcome, idle_delay) are tested first, without a loop."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import threading
@@ -28,6 +29,7 @@ from gannet.delivery.local_decisions import (
     dirs_to_sync,
     idle_delay,
 )
+from gannet.delivery.maildir import SYNCFS_AVAILABLE
 from gannet.queue.model import (
     Claim,
     ClaimedRecipient,
@@ -481,3 +483,48 @@ async def test_a_failed_dir_fsync_defers_the_batch(
 async def test_run_is_called_once(h: Harness) -> None:
     with pytest.raises(RuntimeError):
         await h.loop.run()
+
+
+# -- batch commits with syncfs -------------------------------------------------------
+needs_syncfs = pytest.mark.skipif(not SYNCFS_AVAILABLE, reason="syncfs reports errors on Linux >= 5.8")
+
+
+@needs_syncfs
+async def test_batch_sync_delivers_every_file_into_new_and_leaves_tmp_empty(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, batch_sync=True)
+    harness.start()
+    try:
+        rcpts = [f"u{i}@example.test" for i in range(5)]
+        await harness.enqueue(*(harness.message(f"Q{i}", r) for i, r in enumerate(rcpts)))
+        await until(lambda: harness.store.empty)
+        for r in rcpts:
+            (path,) = harness.files(r)
+            assert path.parent.name == "new"
+            assert f"Delivered-To: {r}\n".encode() in path.read_bytes()
+            assert not list((path.parent.parent / "tmp").iterdir())
+        assert harness.loop.stats.delivered == 5
+    finally:
+        await harness.stop()
+
+
+@needs_syncfs
+async def test_batch_sync_failure_defers_and_leaves_nothing_in_new(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gannet.delivery import maildir
+
+    def failing_syncfs(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(maildir, "syncfs", failing_syncfs)
+    harness = Harness(tmp_path, batch_sync=True)
+    harness.start()
+    try:
+        await harness.enqueue(harness.message("Q1", "bob@example.test"))
+        await until(lambda: bool(harness.store.record_calls))
+        (call,) = harness.store.record_calls
+        assert isinstance(call[0].outcome, Deferred) and "Input/output error" in call[0].outcome.reason
+        assert harness.files("bob@example.test") == []
+        tmp = harness.root / "example.test" / "bob" / "tmp"
+        assert not list(tmp.iterdir()), "an unsynced file must not be left behind"
+    finally:
+        await harness.stop()
