@@ -61,9 +61,11 @@ from gannet.delivery.local_decisions import (
     idle_delay,
 )
 from gannet.delivery.maildir import (
+    STREAM_CHUNK,
     SYNCFS_AVAILABLE,
     commit_batch,
     maildir_path,
+    stage_file,
     stage_in_maildir,
     stage_unsynced,
     to_lf,
@@ -89,6 +91,7 @@ ERROR_PAUSE = 5.0  # after the store failed to claim
 RECORD_BACKOFF = (0.5, 1.0, 2.0, 4.0)  # retries of a failed record, then give up
 BODY_BUDGET = 64 * 1024 * 1024  # bytes of bodies held in memory at once (at least one)
 LF_IN_THREAD = 1024 * 1024  # convert bodies larger than this off the event loop
+STREAM_ABOVE = 1024 * 1024  # bodies larger than this are streamed from their spool file
 
 # Called with a claim and its recipients that failed permanently; returns the
 # DSN messages to enqueue in the same commit as the outcomes (issue: dsn.py).
@@ -333,6 +336,16 @@ class LocalDelivery:
         rcpts = [r for r in claim.recipients if r.transport is Transport.LOCAL]
         if not rcpts:
             return []
+        if claim.size > STREAM_ABOVE:
+            try:
+                source = await self._store.body_file(claim.queue_id)
+            except Exception:
+                log.exception("%s: cannot find the queued body", claim.queue_id)
+                source = None
+            if source is not None:  # a large body in a file: stream it, never load it
+                async with self._bodies.hold(2 * STREAM_CHUNK):
+                    writes = (self._write_rcpt(claim, r, source, executor) for r in rcpts)
+                    return list(await asyncio.gather(*writes))
         async with self._bodies.hold(claim.size):
             try:
                 body = await self._store.read_body(claim.queue_id)
@@ -351,21 +364,34 @@ class LocalDelivery:
             return list(await asyncio.gather(*writes))
 
     async def _write_rcpt(
-        self, claim: Claim, rcpt: ClaimedRecipient, lf_body: bytes, executor: Executor
+        self, claim: Claim, rcpt: ClaimedRecipient, lf_body: bytes | Path, executor: Executor
     ) -> _Attempt:
+        """Write one recipient's copy: from memory (LF bytes) or streamed from a
+        spool file (Path, CRLF)."""
         # An empty mailbox means routing did not name an account: the address is it.
         mailbox = rcpt.mailbox or rcpt.address
         try:
             maildir = maildir_path(self._template, mailbox)
         except ValueError:
             return _Attempt(claim, rcpt, BadMailbox(mailbox))
-        stage = functools.partial(
-            stage_unsynced if self._batch_sync else stage_in_maildir,
-            maildir,
-            lf_body,
-            return_path=claim.sender,
-            delivered_to=rcpt.address,
-        )
+        stage: Callable[[], Path]
+        if isinstance(lf_body, Path):
+            stage = functools.partial(
+                stage_file,
+                maildir,
+                lf_body,
+                return_path=claim.sender,
+                delivered_to=rcpt.address,
+                fsync=not self._batch_sync,
+            )
+        else:
+            stage = functools.partial(
+                stage_unsynced if self._batch_sync else stage_in_maildir,
+                maildir,
+                lf_body,
+                return_path=claim.sender,
+                delivered_to=rcpt.address,
+            )
         result: WriteResult
         async with self._writes:
             try:

@@ -186,6 +186,65 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
+STREAM_CHUNK = 1024 * 1024
+
+
+def stage_file(
+    maildir: Path, source: Path, *, return_path: str, delivered_to: str, fsync: bool = True
+) -> Path:
+    """Like stage_in_maildir (fsync=True) or stage_unsynced (fsync=False), for a
+    large body kept in a file (CRLF): streamed in 1 MiB pieces, converted to LF
+    on the way, so memory stays bounded whatever the message size."""
+    header = (
+        f"Return-Path: <{_header_value(return_path)}>\nDelivered-To: {_header_value(delivered_to)}\n"
+    ).encode("utf-8", "replace")
+    size = len(header) + _lf_size(source)
+    name = _unique_name(size)
+    if not (maildir / "tmp").is_dir():
+        _create_maildir(maildir)
+    tmp = maildir / "tmp" / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+    try:
+        _write_all(fd, header)
+        for piece in _lf_pieces(source):
+            _write_all(fd, piece)
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    if not fsync:
+        return tmp
+    new = maildir / "new" / name
+    try:
+        _rename_into_new(maildir, tmp, new)
+    except OSError:
+        _unlink_quietly(tmp)
+        raise
+    return new
+
+
+def _lf_pieces(source: Path) -> Iterator[bytes]:
+    """The file's content with CRLF turned into LF, a piece at a time. A CR at
+    the end of a piece waits for the next one (it may start with LF)."""
+    carry = b""
+    with open(source, "rb") as f:
+        while chunk := f.read(STREAM_CHUNK):
+            chunk = carry + chunk
+            carry = b""
+            if chunk.endswith(b"\r"):
+                chunk, carry = chunk[:-1], b"\r"
+            yield chunk.replace(b"\r\n", b"\n")
+    if carry:
+        yield carry
+
+
+def _lf_size(source: Path) -> int:
+    return sum(len(piece) for piece in _lf_pieces(source))
+
+
 def stage_unsynced(maildir: Path, lf_content: bytes, *, return_path: str, delivered_to: str) -> Path:
     """Write tmp/<name> without fsync and return it: the first half of a batch
     commit (`commit_batch` makes it durable and moves it into new/)."""

@@ -195,6 +195,9 @@ class SqliteStore:
             raise QueueError(f"{queue_id}: {problem}")
         return data
 
+    async def body_file(self, queue_id: str) -> Path | None:
+        return await self._call(recovery.body_file, queue_id, durable=False)
+
     async def record(
         self, outcomes: Sequence[RecipientOutcome], enqueue: Sequence[NewMessage] = ()
     ) -> list[str]:

@@ -45,6 +45,14 @@ def body_source(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str) -> 
     return ctx.spool_dir / spool_path, int(size)
 
 
+def body_file(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str) -> Path | None:
+    """The spool file of a spooled body, or None for an inline one (not read)."""
+    row = conn.execute("SELECT spool_path FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+    if row is None:
+        raise NoSuchMessage(queue_id)
+    return None if row[0] is None else ctx.spool_dir / row[0]
+
+
 def body_file_problem(path: Path, size: int) -> str | None:
     """Why a body file is unusable (missing, unreadable, wrong size), or None."""
     try:

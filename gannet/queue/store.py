@@ -24,6 +24,7 @@ Times are passed in (`now`), never read from a clock inside the store.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 from gannet.queue.model import (
@@ -60,6 +61,11 @@ class QueueStore(Protocol):
 
     async def read_body(self, queue_id: str) -> bytes:
         """The stored message content (CRLF line endings), Received header included."""
+
+    async def body_file(self, queue_id: str) -> Path | None:
+        """The file holding the stored content when the store keeps it in one (large
+        bodies), so that a reader can stream it; None when it is held otherwise
+        (then use read_body). The file must not be modified."""
 
     async def record(
         self, outcomes: Sequence[RecipientOutcome], enqueue: Sequence[NewMessage] = ()

@@ -515,6 +515,11 @@ async def test_a_spooled_body_is_kept_and_removed_with_the_message(
     m = NewMessage(new_queue_id(), "a@a.test", (rcpt("b@b.test"),), body, T0)
     await store.enqueue(m)
     assert await store.read_body(m.queue_id) == data
+    # A store may hand out a file to stream from instead; if so it holds the content.
+    source = await store.body_file(m.queue_id)
+    assert source is None or source.read_bytes() == data
+    with pytest.raises(NoSuchMessage):
+        await store.body_file("NOSUCHMESSAGE0")
     (c,) = await claim(store)
     assert c.size == len(data)
     assert await store.record([outcome(c, Delivered())]) == [m.queue_id]

@@ -19,6 +19,7 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gannet.queue.model import (
     Claim,
@@ -79,6 +80,7 @@ class FakeStore:
         self.record_calls: list[list[RecipientOutcome]] = []
         self.record_enqueued: list[NewMessage] = []
         self.body_reads: list[str] = []
+        self.body_files: dict[str, Path] = {}
         self.fenced: list[RecipientOutcome] = []
         self.fail_claims = 0
         self.fail_records = 0
@@ -140,22 +142,48 @@ class FakeStore:
             by_message.setdefault(r.queue_id, []).append(self._claimed(r))
         self.claim_calls.append(len(due))
         return [
-            self._claim(self.messages[qid], tuple(rs), now + lease_seconds)
-            for qid, rs in by_message.items()
+            self._claim(self.messages[qid], tuple(rs), now + lease_seconds) for qid, rs in by_message.items()
         ]
 
     @staticmethod
     def _claimed(r: _Rcpt) -> ClaimedRecipient:
         n = r.new
         assert r.lease_token is not None
-        return ClaimedRecipient(r.id, n.address, n.transport, n.domain, n.mailbox, n.original,
-                                n.orcpt, n.notify, r.attempts, r.lease_token)
+        return ClaimedRecipient(
+            r.id,
+            n.address,
+            n.transport,
+            n.domain,
+            n.mailbox,
+            n.original,
+            n.orcpt,
+            n.notify,
+            r.attempts,
+            r.lease_token,
+        )
 
     @staticmethod
     def _claim(m: _Msg, rcpts: tuple[ClaimedRecipient, ...], lease_until: float) -> Claim:
         msg = m.message
-        return Claim(msg.queue_id, msg.sender, msg.received_at, msg.envid, msg.ret,
-                     msg.smtputf8, msg.body_8bit, len(m.body), rcpts, lease_until)
+        return Claim(
+            msg.queue_id,
+            msg.sender,
+            msg.received_at,
+            msg.envid,
+            msg.ret,
+            msg.smtputf8,
+            msg.body_8bit,
+            len(m.body),
+            rcpts,
+            lease_until,
+        )
+
+    async def body_file(self, queue_id: str) -> Path | None:
+        """Set `body_files[queue_id]` to make the store hand out a file instead."""
+        await asyncio.sleep(0)
+        if queue_id not in self.messages:
+            raise NoSuchMessage(queue_id)
+        return self.body_files.get(queue_id)
 
     async def read_body(self, queue_id: str) -> bytes:
         await asyncio.sleep(0)
@@ -238,8 +266,9 @@ class FakeStore:
             if r.queue_id == queue_id
         )
         msg = m.message
-        return QueuedMessageView(queue_id, msg.sender, len(m.body), msg.received_at, m.held,
-                                 rcpts, history=tuple(m.history))
+        return QueuedMessageView(
+            queue_id, msg.sender, len(m.body), msg.received_at, m.held, rcpts, history=tuple(m.history)
+        )
 
     async def hold(self, queue_id: str, now: float) -> None:
         self.messages[queue_id].held = True
@@ -282,13 +311,15 @@ def local_message(
     """A message for LOCAL recipients; each recipient's mailbox is itself
     unless `mailboxes` names them."""
     boxes = list(mailboxes) or list(recipients)
-    content = body if body is not None else (
-        f"Message-ID: <{queue_id}@test>\r\nSubject: test\r\n\r\nhello\r\n.. dots\r\n".encode()
+    content = (
+        body
+        if body is not None
+        else (f"Message-ID: <{queue_id}@test>\r\nSubject: test\r\n\r\nhello\r\n.. dots\r\n".encode())
     )
     rcpts = tuple(
-        NewRecipient(address=a, transport=Transport.LOCAL, domain=a.rpartition("@")[2].lower(),
-                     mailbox=box)
+        NewRecipient(address=a, transport=Transport.LOCAL, domain=a.rpartition("@")[2].lower(), mailbox=box)
         for a, box in zip(recipients, boxes, strict=True)
     )
-    return NewMessage(queue_id=queue_id, sender=sender, recipients=rcpts,
-                      body=InlineBody(content), received_at=received_at)
+    return NewMessage(
+        queue_id=queue_id, sender=sender, recipients=rcpts, body=InlineBody(content), received_at=received_at
+    )

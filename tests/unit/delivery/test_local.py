@@ -528,3 +528,22 @@ async def test_batch_sync_failure_defers_and_leaves_nothing_in_new(
         assert not list(tmp.iterdir()), "an unsynced file must not be left behind"
     finally:
         await harness.stop()
+
+
+async def test_a_large_body_in_a_file_is_streamed_not_read(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    harness.start()
+    try:
+        line = b"y" * 998 + b"\r\n"
+        content = b"Subject: big\r\n\r\n" + line * 1500  # ~1.5 MB: above the streaming threshold
+        spool = tmp_path / "spool-Q1"
+        spool.write_bytes(content)
+        harness.store.body_files["Q1"] = spool
+        await harness.enqueue(harness.message("Q1", "bob@example.test", body=content))
+        await until(lambda: harness.store.empty)
+        assert harness.store.body_reads == [], "the body must not be loaded into memory"
+        (path,) = harness.files("bob@example.test")
+        assert path.read_bytes() == (b"Return-Path: <sender@remote.test>\nDelivered-To: bob@example.test\n"
+                                     + content.replace(b"\r\n", b"\n"))
+    finally:
+        await harness.stop()

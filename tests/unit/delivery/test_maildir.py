@@ -193,3 +193,18 @@ def test_maildir_path_fills_the_template_and_lowercases_the_domain() -> None:
 def test_maildir_path_refuses_unsafe_names(mailbox: str) -> None:
     with pytest.raises(ValueError):
         maildir_path(TEMPLATE, mailbox)
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_stage_file_streams_crlf_to_lf_across_piece_boundaries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool) -> None:
+    monkeypatch.setattr(md, "STREAM_CHUNK", 7)  # pieces end inside CRLFs, and on CRs
+    source = tmp_path / "body"
+    content = b"Subject: s\r\n\r\n" + b"".join(b"line %d\r\n" % i for i in range(200)) + b"bare\rcr\r\n"
+    source.write_bytes(content)
+    path = md.stage_file(tmp_path / "box", source, return_path="a@b.test", delivered_to="c@d.test",
+                         fsync=fsync)
+    assert path.parent.name == ("new" if fsync else "tmp")
+    data = path.read_bytes()
+    assert data == b"Return-Path: <a@b.test>\nDelivered-To: c@d.test\n" + content.replace(b"\r\n", b"\n")
+    assert path.name.endswith(f",S={len(data)}")

@@ -94,6 +94,16 @@ async def test_claims_commit_without_fsync_and_enqueues_with(store: SqliteStore)
     assert (stats.commits, stats.unsynced_commits) == (3, 1)
 
 
+async def test_body_file_names_spooled_bodies_only(store: SqliteStore, tmp_path: Path) -> None:
+    inline = message()
+    big = spooled(store.spool_dir, b"Subject: s\r\n\r\n" + b"z" * 70_000 + b"\r\n")
+    await store.enqueue(inline)
+    await store.enqueue(big)
+    assert await store.body_file(inline.queue_id) is None
+    path = await store.body_file(big.queue_id)
+    assert path is not None and path.read_bytes() == await store.read_body(big.queue_id)
+
+
 async def occupy_writer(store: SqliteStore) -> tuple[threading.Event, asyncio.Future[bool]]:
     """Keep the writer busy inside a transaction until the returned gate is set."""
     started, gate = threading.Event(), threading.Event()
