@@ -171,7 +171,7 @@ def _raise_open_files_limit(sessions: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         log.info("open files limit raised from %d to %d", soft, want)
-    if hard != resource.RLIM_INFINITY and hard < sessions + 256:
+    if hard != resource.RLIM_INFINITY and hard < sessions:
         log.warning("the hard open files limit (%d) is below smtp.max_sessions (%d)", hard, sessions)
 
 
