@@ -111,6 +111,7 @@ class SqliteStore:
             raise QueueError("the queue store is already open")
         writer = Writer(
             partial(connect, self.path),
+            lock_path=self.path.with_name(self.path.name + "-writelock"),
             max_batch=self._max_batch,
             name=str(self.path),
             stats=self._stats,

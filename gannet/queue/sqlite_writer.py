@@ -31,13 +31,17 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gannet.queue.model import QueueError
@@ -105,6 +109,7 @@ class Writer:
         max_batch: int = 512,
         name: str = "",
         stats: WriterStats | None = None,
+        lock_path: Path | None = None,
     ) -> None:
         self._connect = connect
         self._max_batch = max_batch
@@ -113,6 +118,8 @@ class Writer:
         self._conn: sqlite3.Connection | None = None
         self._connect_error: BaseException | None = None
         self._synchronous_full = True  # what connect() sets
+        self._lock_path = lock_path
+        self._lock_fd = -1
         self.stats = stats if stats is not None else WriterStats()
 
     def start(self) -> None:
@@ -133,6 +140,8 @@ class Writer:
     def _main(self) -> None:
         try:
             self._conn = self._connect()
+            if self._lock_path is not None:
+                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except BaseException as exc:  # reported to every job; the thread still drains
             self._connect_error = exc
         stopping = False
@@ -164,6 +173,9 @@ class Writer:
             if job is not None:
                 leftovers.append((job.future, None, QueueError("the queue store is closed")))
         _resolve(leftovers)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         if self._conn is not None:
             try:
                 self._conn.execute("PRAGMA optimize")
@@ -190,38 +202,61 @@ class Writer:
             _resolve([(j.future, None, unopened) for j in batch])
             return
         pending: Sequence[Job] = batch
-        error: BaseException
         while pending:
-            txn = Txn()
-            done: list[_Resolution] = []
-            self._set_durability(conn, any(j.durable for j in pending))
-            try:
-                # IMMEDIATE: take the write lock now, so a read-then-write job
-                # cannot hit SQLITE_BUSY halfway because another process wrote.
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                error = _as_queue_error(exc)
-                self._finish([(j.future, None, error) for j in pending], txn, False)
-                return
-            changes_before = conn.total_changes
-            try:
-                self._run_jobs(conn, txn, pending, done)
-            except _TransactionLost as lost:
-                # What was done went with the transaction; the rest start afresh.
-                error = _as_queue_error(lost.args[0])
-                lost_jobs = pending[lost.first : lost.first + lost.count]
-                done = [(f, None, error) for f, _, _ in done]
-                done += [(j.future, None, error) for j in lost_jobs]
-                pending = pending[lost.first + lost.count :]
-                _rollback_quietly(conn)
-                self._finish(done, txn, False)
-                continue
-            pending = ()
-            committed = self._commit(conn, changes_before)
-            if not committed:
-                error = QueueError("the queue database could not commit")
-                done = [(f, None, error) for f, _, _ in done]
-            self._finish(done, txn, committed)
+            with self._process_lock():
+                pending = self._one_transaction(conn, pending)
+
+    def _one_transaction(self, conn: sqlite3.Connection, pending: Sequence[Job]) -> Sequence[Job]:
+        """Run `pending` in one transaction; returns the jobs still to run (after
+        a transaction SQLite lost on its own, the rest start afresh)."""
+        error: BaseException
+        txn = Txn()
+        done: list[_Resolution] = []
+        self._set_durability(conn, any(j.durable for j in pending))
+        try:
+            # IMMEDIATE: take the write lock now, so a read-then-write job
+            # cannot hit SQLITE_BUSY halfway because another process wrote.
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            error = _as_queue_error(exc)
+            self._finish([(j.future, None, error) for j in pending], txn, False)
+            return ()
+        changes_before = conn.total_changes
+        try:
+            self._run_jobs(conn, txn, pending, done)
+        except _TransactionLost as lost:
+            # What was done went with the transaction; the rest start afresh.
+            error = _as_queue_error(lost.args[0])
+            lost_jobs = pending[lost.first : lost.first + lost.count]
+            done = [(f, None, error) for f, _, _ in done]
+            done += [(j.future, None, error) for j in lost_jobs]
+            _rollback_quietly(conn)
+            self._finish(done, txn, False)
+            return pending[lost.first + lost.count :]
+        committed = self._commit(conn, changes_before)
+        if not committed:
+            error = QueueError("the queue database could not commit")
+            done = [(f, None, error) for f, _, _ in done]
+        self._finish(done, txn, committed)
+        return ()
+
+    @contextlib.contextmanager
+    def _process_lock(self) -> Iterator[None]:
+        """Serialize write transactions across processes (the server and its
+        delivery worker share the database) with a blocking flock: the kernel
+        wakes a waiter the moment the lock is free. Left to SQLite, a writer
+        that finds the database locked sleeps 1, 2, 5, 10… ms between retries
+        (its default busy handler), which cost whole milliseconds per message
+        whenever the two processes met."""
+        fd = self._lock_fd
+        if fd < 0:
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _set_durability(self, conn: sqlite3.Connection, full: bool) -> None:
         """PRAGMA synchronous can only change between transactions: set it before BEGIN."""
