@@ -69,6 +69,7 @@ class WriterStats:
     max_batch: int = 0  # largest number of jobs in one transaction
     failed_commits: int = 0
     unsynced_commits: int = 0  # commits made without fsync (claims only; see Job.durable)
+    lock_waits: int = 0  # transactions that waited for another process's writer
     cpu_seconds: float = 0.0  # writer-thread CPU time spent in batches
 
 
@@ -252,7 +253,11 @@ class Writer:
         if fd < 0:
             yield
             return
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.stats.lock_waits += 1
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:

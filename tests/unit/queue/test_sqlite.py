@@ -104,6 +104,28 @@ async def test_body_file_names_spooled_bodies_only(store: SqliteStore, tmp_path:
     assert path is not None and path.read_bytes() == await store.read_body(big.queue_id)
 
 
+async def test_two_stores_on_one_database_take_turns_without_busy_errors(tmp_path: Path) -> None:
+    """The server and its delivery worker share the database: their writers
+    serialize on a blocking lock, so neither sees SQLITE_BUSY or sleeps in
+    SQLite's busy handler."""
+    a, b = make(tmp_path), make(tmp_path, recover=False)
+    await a.open()
+    await b.open()
+    try:
+        gate, held = await occupy_writer(a)  # a's writer is inside a transaction
+        waiting = asyncio.ensure_future(b.enqueue(message()))
+        await asyncio.sleep(0.2)
+        assert not waiting.done(), "b must wait for a's transaction, not interleave"
+        gate.set()
+        await held
+        await asyncio.wait_for(waiting, 10)
+        assert b.stats.lock_waits == 1, "b waited on the process lock (not in SQLite's busy handler)"
+        assert len(await a.list_messages()) == 1
+    finally:
+        await b.close()
+        await a.close()
+
+
 async def occupy_writer(store: SqliteStore) -> tuple[threading.Event, asyncio.Future[bool]]:
     """Keep the writer busy inside a transaction until the returned gate is set."""
     started, gate = threading.Event(), threading.Event()
