@@ -118,9 +118,7 @@ def stage_in_maildir(maildir: Path, lf_content: bytes, *, return_path: str, deli
     not be reported delivered. The delivery loop stages a whole batch and then
     syncs each new/ once, instead of once per message.
     """
-    header = (
-        f"Return-Path: <{_header_value(return_path)}>\nDelivered-To: {_header_value(delivered_to)}\n"
-    ).encode("utf-8", "replace")  # SMTPUTF8 addresses are UTF-8; never fail on a stray surrogate
+    header = _delivery_header(return_path, delivered_to)
     name = _unique_name(len(header) + len(lf_content))
     try:
         tmp = _write_tmp(maildir, name, header, lf_content)
@@ -195,9 +193,7 @@ def stage_file(
     """Like stage_in_maildir (fsync=True) or stage_unsynced (fsync=False), for a
     large body kept in a file (CRLF): streamed in 1 MiB pieces, converted to LF
     on the way, so memory stays bounded whatever the message size."""
-    header = (
-        f"Return-Path: <{_header_value(return_path)}>\nDelivered-To: {_header_value(delivered_to)}\n"
-    ).encode("utf-8", "replace")
+    header = _delivery_header(return_path, delivered_to)
     size = len(header) + _lf_size(source)
     name = _unique_name(size)
     if not (maildir / "tmp").is_dir():
@@ -248,9 +244,7 @@ def _lf_size(source: Path) -> int:
 def stage_unsynced(maildir: Path, lf_content: bytes, *, return_path: str, delivered_to: str) -> Path:
     """Write tmp/<name> without fsync and return it: the first half of a batch
     commit (`commit_batch` makes it durable and moves it into new/)."""
-    header = (
-        f"Return-Path: <{_header_value(return_path)}>\nDelivered-To: {_header_value(delivered_to)}\n"
-    ).encode("utf-8", "replace")
+    header = _delivery_header(return_path, delivered_to)
     name = _unique_name(len(header) + len(lf_content))
     try:
         return _write_tmp(maildir, name, header, lf_content, fsync=False)
@@ -298,6 +292,12 @@ def _rename_into_new(maildir: Path, tmp: Path, new: Path) -> None:
             raise
         _create_maildir(maildir)  # tmp/ was there but new/ was not
         os.rename(tmp, new)
+
+
+def _delivery_header(return_path: str, delivered_to: str) -> bytes:
+    """The two lines a delivery agent puts on top (RFC 5321 §4.4 Return-Path)."""
+    text = f"Return-Path: <{_header_value(return_path)}>\nDelivered-To: {_header_value(delivered_to)}\n"
+    return text.encode("utf-8", "replace")  # SMTPUTF8 addresses are UTF-8; never fail on a surrogate
 
 
 def _header_value(value: str) -> str:
