@@ -530,8 +530,9 @@ async def test_batch_sync_failure_defers_and_leaves_nothing_in_new(
         await harness.stop()
 
 
-async def test_a_large_body_in_a_file_is_streamed_not_read(tmp_path: Path) -> None:
-    harness = Harness(tmp_path)
+@pytest.mark.parametrize("batch_sync", [False, pytest.param(True, marks=needs_syncfs)])
+async def test_a_large_body_in_a_file_is_streamed_not_read(tmp_path: Path, batch_sync: bool) -> None:
+    harness = Harness(tmp_path, batch_sync=batch_sync)
     harness.start()
     try:
         line = b"y" * 998 + b"\r\n"
@@ -545,5 +546,21 @@ async def test_a_large_body_in_a_file_is_streamed_not_read(tmp_path: Path) -> No
         (path,) = harness.files("bob@example.test")
         assert path.read_bytes() == (b"Return-Path: <sender@remote.test>\nDelivered-To: bob@example.test\n"
                                      + content.replace(b"\r\n", b"\n"))
+    finally:
+        await harness.stop()
+
+
+@needs_syncfs
+async def test_batch_sync_fails_an_unsafe_mailbox_and_delivers_the_rest(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, batch_sync=True)
+    harness.start()
+    try:
+        await harness.enqueue(harness.message("Q1", "bob@example.test", mailboxes=["../evil@example.test"]),
+                              harness.message("Q2", "bob@example.test"))
+        await until(lambda: harness.store.empty)
+        outcomes = {c.recipient_id: c.outcome for call in harness.store.record_calls for c in call}
+        assert sorted(type(o).__name__ for o in outcomes.values()) == ["Delivered", "Failed"]
+        assert Failed("5.1.3 bad mailbox name") in outcomes.values()
+        assert len(harness.files("bob@example.test")) == 1
     finally:
         await harness.stop()
