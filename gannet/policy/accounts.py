@@ -42,12 +42,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from argon2 import PasswordHasher
+
+from gannet.util.files import atomic_write
 
 try:  # POSIX only; elsewhere concurrent `gannet users` runs are not serialised.
     import fcntl
@@ -229,7 +230,7 @@ def add_account(path: Path, address: str, password: str, *,
     digest = (hasher or PasswordHasher()).hash(password)
     new_line = f"{normalized}:{digest}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked_dir(path.parent) as dir_fd:
+    with _locked_dir(path.parent):
         lines = _read_lines(path)
         texts = [ln.text for ln in lines]
         key = _key(normalized)
@@ -241,7 +242,7 @@ def add_account(path: Path, address: str, password: str, *,
             if not lines:
                 texts.append(_NEW_FILE_HEADER.rstrip("\n"))
             texts.append(new_line)
-        _atomic_write(path, dir_fd, "".join(t + "\n" for t in texts).encode("utf-8"))
+        atomic_write(path, "".join(t + "\n" for t in texts).encode("utf-8"), FILE_MODE)
 
 
 def remove_account(path: Path, address: str) -> bool:
@@ -249,18 +250,18 @@ def remove_account(path: Path, address: str) -> bool:
     if not path.exists():
         return False
     key = _key(address)
-    with _locked_dir(path.parent) as dir_fd:
+    with _locked_dir(path.parent):
         lines = _read_lines(path)
         kept = [ln.text for ln in lines if ln.entry is None or _key(ln.entry[0]) != key]
         if len(kept) == len(lines):
             return False
-        _atomic_write(path, dir_fd, "".join(t + "\n" for t in kept).encode("utf-8"))
+        atomic_write(path, "".join(t + "\n" for t in kept).encode("utf-8"), FILE_MODE)
     return True
 
 
 @contextlib.contextmanager
 def _locked_dir(directory: Path) -> Iterator[int]:
-    """Open the directory (for the final fsync) and hold an exclusive flock on it.
+    """Hold an exclusive flock on the directory while the file is rewritten.
 
     Two `gannet users add` at once would otherwise both read the old file and
     the second rename would drop the first one's account.
@@ -272,21 +273,3 @@ def _locked_dir(directory: Path) -> Iterator[int]:
         yield dir_fd
     finally:
         os.close(dir_fd)  # closing releases the flock
-
-
-def _atomic_write(path: Path, dir_fd: int, data: bytes) -> None:
-    """tmp file in the same directory → write → fsync → rename → fsync(dir)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)  # mkstemp already uses 0600; say it explicitly
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # The rename is durable only once the directory entry is on disk.
-    os.fsync(dir_fd)
