@@ -128,7 +128,6 @@ class Server:
         log.info("gannet ready: %s, queue %s", config.hostname, config.queue.url)
         await self.stopping.wait()
         log.info("stopping: no new connections; letting sessions finish (up to %.0fs)", SHUTDOWN_GRACE)
-        services.shutting_down = True
         await listeners.stop(SHUTDOWN_GRACE)
         await delivery.stop(SHUTDOWN_GRACE)
         log.info("stopped")

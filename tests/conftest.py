@@ -27,12 +27,13 @@ import tomllib
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import peers
 import pytest
 
 USERS = peers.USERS
+P = TypeVar("P")
 
 
 @pytest.fixture(scope="session")
@@ -93,54 +94,40 @@ def gannet(tmp_path: Path, tls_certs: peers.TlsCerts) -> Iterator[Callable[..., 
                 warnings.warn(str(exc), stacklevel=1)
 
 
-@pytest.fixture
-def postfix(tmp_path: Path) -> Iterator[Callable[..., peers.PostfixInstance]]:
-    started: list[peers.PostfixInstance] = []
+def _peer_factory(
+    tmp_path: Path, stem: str, build: Callable[..., P], close: Callable[[P], None]
+) -> Iterator[Callable[..., P]]:
+    """One factory fixture shape for every peer: each call builds an instance in
+    its own directory (`stem`, `stem2`, …), starts it, and all are closed at the
+    end of the test whatever its outcome."""
+    started: list[P] = []
     counter = itertools.count(1)
 
-    def make(**kw: Any) -> peers.PostfixInstance:
+    def make(**kw: Any) -> P:
         n = next(counter)
-        instance = peers.PostfixInstance(tmp_path / ("postfix-work" if n == 1 else f"postfix-work{n}"),
-                                         start=False, **kw)
-        started.append(instance)
-        instance.start()
-        return instance
+        peer = build(tmp_path / (stem if n == 1 else f"{stem}{n}"), start=False, **kw)
+        started.append(peer)
+        peer.start()  # type: ignore[attr-defined]
+        return peer
 
     yield make
-    for instance in reversed(started):
-        instance.close()
+    for peer in reversed(started):
+        close(peer)
+
+
+@pytest.fixture
+def postfix(tmp_path: Path) -> Iterator[Callable[..., peers.PostfixInstance]]:
+    yield from _peer_factory(tmp_path, "postfix-work", peers.PostfixInstance, peers.PostfixInstance.close)
 
 
 @pytest.fixture
 def dovecot(tmp_path: Path) -> Iterator[Callable[..., peers.DovecotImap]]:
-    started: list[peers.DovecotImap] = []
-    counter = itertools.count(1)
+    def build(workdir: Path, *, users: dict[str, str] | None = None, **kw: Any) -> peers.DovecotImap:
+        return peers.DovecotImap(workdir, users=USERS if users is None else users, **kw)
 
-    def make(*, users: dict[str, str] | None = None, **kw: Any) -> peers.DovecotImap:
-        n = next(counter)
-        instance = peers.DovecotImap(tmp_path / ("dovecot-work" if n == 1 else f"dovecot-work{n}"),
-                                     users=USERS if users is None else users, start=False, **kw)
-        started.append(instance)
-        instance.start()
-        return instance
-
-    yield make
-    for instance in reversed(started):
-        instance.close()
+    yield from _peer_factory(tmp_path, "dovecot-work", build, peers.DovecotImap.close)
 
 
 @pytest.fixture
 def smtp_sink(tmp_path: Path) -> Iterator[Callable[..., peers.SmtpSink]]:
-    started: list[peers.SmtpSink] = []
-    counter = itertools.count(1)
-
-    def make(**kw: Any) -> peers.SmtpSink:
-        n = next(counter)
-        sink = peers.SmtpSink(tmp_path / ("sink-work" if n == 1 else f"sink-work{n}"), start=False, **kw)
-        started.append(sink)
-        sink.start()
-        return sink
-
-    yield make
-    for sink in started:
-        sink.stop()
+    yield from _peer_factory(tmp_path, "sink-work", peers.SmtpSink, peers.SmtpSink.stop)

@@ -41,7 +41,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from typing import cast
@@ -119,15 +119,25 @@ def stage_in_maildir(maildir: Path, lf_content: bytes, *, return_path: str, deli
     syncs each new/ once, instead of once per message.
     """
     header = _delivery_header(return_path, delivered_to)
-    name = _unique_name(len(header) + len(lf_content))
+    return _stage(
+        maildir, _unique_name(len(header) + len(lf_content)), lambda: (header, lf_content), fsync=True
+    )
+
+
+def _stage(maildir: Path, name: str, pieces: Callable[[], Iterable[bytes]], *, fsync: bool) -> Path:
+    """Write tmp/<name> from `pieces()`. With `fsync`: fsync it and rename it into
+    new/ (returns that path); without: leave it unsynced in tmp/ for a batch
+    commit (returns the tmp path). Any failure removes the tmp file."""
     try:
-        tmp = _write_tmp(maildir, name, header, lf_content)
+        tmp = _write_tmp(maildir, name, pieces(), fsync=fsync)
     except FileNotFoundError:
         # First delivery to this mailbox (or someone removed it): create the
         # tree and try once more. Asking forgiveness keeps the common case at
         # zero extra system calls.
         _create_maildir(maildir)
-        tmp = _write_tmp(maildir, name, header, lf_content)
+        tmp = _write_tmp(maildir, name, pieces(), fsync=fsync)
+    if not fsync:
+        return tmp
     new = maildir / "new" / name
     try:
         _rename_into_new(maildir, tmp, new)
@@ -194,32 +204,8 @@ def stage_file(
     large body kept in a file (CRLF): streamed in 1 MiB pieces, converted to LF
     on the way, so memory stays bounded whatever the message size."""
     header = _delivery_header(return_path, delivered_to)
-    size = len(header) + _lf_size(source)
-    name = _unique_name(size)
-    if not (maildir / "tmp").is_dir():
-        _create_maildir(maildir)
-    tmp = maildir / "tmp" / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
-    try:
-        _write_all(fd, header)
-        for piece in _lf_pieces(source):
-            _write_all(fd, piece)
-        if fsync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp)
-        raise
-    os.close(fd)
-    if not fsync:
-        return tmp
-    new = maildir / "new" / name
-    try:
-        _rename_into_new(maildir, tmp, new)
-    except OSError:
-        _unlink_quietly(tmp)
-        raise
-    return new
+    name = _unique_name(len(header) + _lf_size(source))
+    return _stage(maildir, name, lambda: itertools.chain((header,), _lf_pieces(source)), fsync=fsync)
 
 
 def _lf_pieces(source: Path) -> Iterator[bytes]:
@@ -245,12 +231,9 @@ def stage_unsynced(maildir: Path, lf_content: bytes, *, return_path: str, delive
     """Write tmp/<name> without fsync and return it: the first half of a batch
     commit (`commit_batch` makes it durable and moves it into new/)."""
     header = _delivery_header(return_path, delivered_to)
-    name = _unique_name(len(header) + len(lf_content))
-    try:
-        return _write_tmp(maildir, name, header, lf_content, fsync=False)
-    except FileNotFoundError:
-        _create_maildir(maildir)
-        return _write_tmp(maildir, name, header, lf_content, fsync=False)
+    return _stage(
+        maildir, _unique_name(len(header) + len(lf_content)), lambda: (header, lf_content), fsync=False
+    )
 
 
 def commit_batch(tmps: Sequence[Path]) -> list[Path | OSError]:
@@ -318,13 +301,13 @@ def _hostname() -> str:
     return host.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
 
 
-def _write_tmp(maildir: Path, name: str, header: bytes, body: bytes, fsync: bool = True) -> Path:
-    """Create tmp/<name> (never over an existing file), write, fsync, close."""
+def _write_tmp(maildir: Path, name: str, pieces: Iterable[bytes], *, fsync: bool) -> Path:
+    """Create tmp/<name> (never over an existing file), write, fsync if asked, close."""
     tmp = maildir / "tmp" / name
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
     try:
-        _write_all(fd, header)
-        _write_all(fd, body)
+        for piece in pieces:
+            _write_all(fd, piece)
         if fsync:
             os.fsync(fd)
     except BaseException:

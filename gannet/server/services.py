@@ -40,7 +40,6 @@ class Services:
     on_enqueued: Callable[[], None] = lambda: None
     refresh_recipients: Callable[[], RecipientTable] | None = None
     counters: Counters = field(default_factory=Counters)
-    shutting_down: bool = False
 
     def current_recipients(self) -> RecipientTable:
         """The recipient table as of now (the users file may have changed)."""
