@@ -14,6 +14,7 @@ import smtplib
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import peers
 
@@ -36,11 +37,16 @@ def wait_subject(server: peers.GannetProcess, subject: str, address: str = "alic
 
 
 def worker_pids(server: peers.GannetProcess) -> list[int]:
-    return [
-        pid
-        for pid in peers.child_pids(server.pid)
-        if b"deliver-worker" in open(f"/proc/{pid}/cmdline", "rb").read()
-    ]
+    """The server's delivery-worker children (a child may exit while we look)."""
+    pids = []
+    for pid in peers.child_pids(server.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"deliver-worker" in cmdline:
+            pids.append(pid)
+    return pids
 
 
 def test_sighup_refuses_a_bad_config_and_applies_a_good_one(gannet: Gannet) -> None:
