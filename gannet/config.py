@@ -19,6 +19,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gannet.config_values import ConfigError, ValueReader
 
@@ -39,6 +40,7 @@ __all__ = [
     "RelayConfig",
     "SmtpConfig",
     "TlsConfig",
+    "TlsPolicy",
     "find_config_file",
     "load",
 ]
@@ -62,6 +64,15 @@ class DmarcMode(enum.Enum):
 class BareNewlinePolicy(enum.Enum):
     REJECT = "reject"
     NORMALIZE = "normalize"
+
+
+class TlsPolicy(enum.Enum):
+    """Outbound TLS for one destination (Postfix's smtp_tls_security_level)."""
+
+    NONE = "none"  # never STARTTLS
+    MAY = "may"  # STARTTLS when offered, certificate not checked; plaintext if the handshake fails
+    REQUIRE = "require"  # STARTTLS or no delivery (defer); certificate not checked
+    VERIFY = "verify"  # STARTTLS with a certificate valid for the MX host name, or defer
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +130,15 @@ class DeliveryConfig:
     warn_after: float = 4 * 3600
     local_concurrency: int = 8  # Maildir writers working at once
     maildir_sync: str = "batch"  # "batch": syncfs once per batch (Linux >= 5.8); "file": fsync per file
+    remote_concurrency: int = 100  # outbound SMTP connections open at once, all destinations
+    destination_concurrency: int = 20  # outbound connections to one destination
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2: 5 minutes for most replies
+    data_timeout: float = 600.0  # RFC 5321 §4.5.3.2.6: 10 minutes for the reply to the final "."
+    connection_cache_time: float = 2.0  # an idle outbound connection is kept this long for reuse
+    tls: TlsPolicy = TlsPolicy.MAY  # outbound STARTTLS, every destination without its own entry
+    tls_policy: dict[str, TlsPolicy] = field(default_factory=dict)  # domain (or "smarthost") → policy
+    tls_ca_file: Path | None = None  # CA bundle for "verify" (default: the system's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,7 +421,23 @@ class _Reader(ValueReader):
             self.doc,
             "delivery",
             "delivery",
-            {"port", "retry", "give_up_after", "warn_after", "local_concurrency", "maildir_sync"},
+            {
+                "port",
+                "retry",
+                "give_up_after",
+                "warn_after",
+                "local_concurrency",
+                "maildir_sync",
+                "remote_concurrency",
+                "destination_concurrency",
+                "connect_timeout",
+                "command_timeout",
+                "data_timeout",
+                "connection_cache_time",
+                "tls",
+                "tls_policy",
+                "tls_ca_file",
+            },
         )
         retry_raw = t.get("retry")
         if retry_raw is None:
@@ -419,7 +455,41 @@ class _Reader(ValueReader):
             warn_after=self.duration(t, "warn_after", "delivery.warn_after", 4 * 3600),
             local_concurrency=self.integer(t, "local_concurrency", "delivery.local_concurrency", 8, 1, 256),
             maildir_sync=self.choice(t, "maildir_sync", "delivery.maildir_sync", ("batch", "file"), "batch"),
+            remote_concurrency=self.integer(
+                t, "remote_concurrency", "delivery.remote_concurrency", 100, 1, 10000
+            ),
+            destination_concurrency=self.integer(
+                t, "destination_concurrency", "delivery.destination_concurrency", 20, 1, 1000
+            ),
+            connect_timeout=self.duration(t, "connect_timeout", "delivery.connect_timeout", 30.0),
+            command_timeout=self.duration(t, "command_timeout", "delivery.command_timeout", 300.0),
+            data_timeout=self.duration(t, "data_timeout", "delivery.data_timeout", 600.0),
+            connection_cache_time=self.duration(
+                t, "connection_cache_time", "delivery.connection_cache_time", 2.0
+            ),
+            tls=self.enum(t, "tls", "delivery.tls", TlsPolicy, TlsPolicy.MAY),
+            tls_policy=self.tls_policies(t),
+            tls_ca_file=self.path(ca)
+            if (ca := self.string(t, "tls_ca_file", "delivery.tls_ca_file", ""))
+            else None,
         )
+
+    def tls_policies(self, t: dict[str, Any]) -> dict[str, TlsPolicy]:
+        raw = t.get("tls_policy", {})
+        if not isinstance(raw, dict):
+            raise self.fail(
+                "delivery.tls_policy", "must be a table of domain = policy", '{ "example.org" = "verify" }'
+            )
+        allowed = ", ".join(p.value for p in TlsPolicy)
+        policies: dict[str, TlsPolicy] = {}
+        for domain, value in raw.items():
+            try:
+                policies[domain.lower().rstrip(".")] = TlsPolicy(value)
+            except ValueError:
+                raise self.fail(
+                    f"delivery.tls_policy.{domain!r}", f"{value!r} is not a TLS policy", allowed
+                ) from None
+        return policies
 
     def dns(self) -> DnsConfig:
         t = self.table(self.doc, "dns", "dns", {"nameservers"})
