@@ -106,6 +106,7 @@ class ClaimedRecipient:
     notify: int | None
     attempts: int  # attempts made before this one
     lease_token: str  # fencing: `record` is ignored unless this still holds
+    warned: bool = False  # a delay DSN was already sent for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,7 @@ class Delivered:
 class Deferred:
     reason: str  # the reply or error text, for logs and `queue list`
     retry_at: float
+    warned: bool = False  # a delay DSN goes out with this outcome: never send another
 
 
 @dataclass(frozen=True, slots=True)

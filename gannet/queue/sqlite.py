@@ -213,6 +213,24 @@ class SqliteStore:
     async def release_leases(self, owner: str) -> int:
         return await self._call(ops.release_leases, owner)
 
+    async def claim_expired(
+        self, now: float, *, received_before: float, limit: int, lease_seconds: float, owner: str
+    ) -> list[Claim]:
+        return await self._call(
+            ops.claim_expired, (now, received_before, limit, lease_seconds, owner), durable=False
+        )
+
+    async def release_expired_leases(
+        self, now: float, *, expired_before: float
+    ) -> list[tuple[str, str, str]]:
+        return await self._call(ops.release_expired_leases, (now, expired_before))
+
+    async def defer_destination(
+        self, transport: Transport, domain: str | None, *, until: float, reason: str
+    ) -> int:
+        # Not durable on its own: if lost, the recipients are tried once more.
+        return await self._call(ops.defer_destination, (transport, domain, until, reason), durable=False)
+
     # --- admin -------------------------------------------------------------------
 
     async def list_messages(self, filter: QueueFilter | None = None) -> list[QueuedMessageView]:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from gannet.queue.model import (
     Claim,
@@ -156,7 +157,7 @@ def enqueue_one(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, message: NewMessag
 # --- claim ---------------------------------------------------------------------
 
 _CLAIM_COLUMNS = """
-    SELECT id, queue_id, address, transport, domain, mailbox, original, orcpt, notify, attempts
+    SELECT id, queue_id, address, transport, domain, mailbox, original, orcpt, notify, attempts, warned
     FROM recipients
 """
 # `due_at <= ?` implies `due_at IS NOT NULL`, so SQLite uses the partial indexes.
@@ -182,28 +183,45 @@ def claim_due(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: ClaimArgs) -> l
         rows = conn.execute(CLAIM_SQL, (now, limit)).fetchall()
     else:
         rows = conn.execute(CLAIM_BY_TRANSPORT_SQL, (transport.value, now, limit)).fetchall()
+    return _lease(conn, rows, now + lease_seconds, owner)
+
+
+# The sweep's claim: unfinished, unparked recipients of messages received before
+# a cutoff, whatever their next_attempt, unless under a live lease.
+_CLAIM_EXPIRED_SQL = """
+    SELECT r.id, r.queue_id, r.address, r.transport, r.domain, r.mailbox, r.original, r.orcpt,
+           r.notify, r.attempts, r.warned
+    FROM messages m JOIN recipients r ON r.queue_id = m.queue_id
+    WHERE m.received_at < ? AND r.due_at IS NOT NULL AND (r.state != 'delivering' OR r.lease_until <= ?)
+    ORDER BY m.received_at LIMIT ?
+"""
+
+ClaimExpiredArgs = tuple[float, float, int, float, str]
+
+
+def claim_expired(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: ClaimExpiredArgs) -> list[Claim]:
+    now, received_before, limit, lease_seconds, owner = arg
+    if limit <= 0:
+        return []
+    rows = conn.execute(_CLAIM_EXPIRED_SQL, (received_before, now, limit)).fetchall()
+    return _lease(conn, rows, now + lease_seconds, owner)
+
+
+def _lease(conn: sqlite3.Connection, rows: list[Any], lease_until: float, owner: str) -> list[Claim]:
+    """Lease `rows` (claim columns) to `owner` and group them into Claims, in row order."""
     if not rows:
         return []
     # One fresh token per claim: a worker that lost its lease holds an older one.
     token = secrets.token_hex(12)
-    lease_until = now + lease_seconds
     conn.executemany(_LEASE, [(owner, token, lease_until, row[0]) for row in rows])
     by_message: dict[str, list[ClaimedRecipient]] = {}
-    for rid, qid, address, tr, domain, mailbox, original, orcpt, notify, attempts in rows:
+    for rid, qid, address, tr, domain, mailbox, original, orcpt, notify, attempts, warned in rows:
         by_message.setdefault(qid, []).append(
             ClaimedRecipient(
-                rid,
-                address,
-                Transport(tr),
-                domain,
-                mailbox,
-                original,
-                orcpt,
-                notify,
-                attempts,
-                token,
+                rid, address, Transport(tr), domain, mailbox, original, orcpt, notify, attempts, token,
+                bool(warned),
             )
-        )
+        )  # fmt: skip
     claims = []
     for qid, recipients in by_message.items():  # dicts keep the oldest-due-first order
         sender, received_at, envid, ret, smtputf8, body_8bit, size = conn.execute(
@@ -211,18 +229,10 @@ def claim_due(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: ClaimArgs) -> l
         ).fetchone()
         claims.append(
             Claim(
-                qid,
-                sender,
-                received_at,
-                envid,
-                ret,
-                bool(smtputf8),
-                bool(body_8bit),
-                size,
-                tuple(recipients),
-                lease_until,
+                qid, sender, received_at, envid, ret, bool(smtputf8), bool(body_8bit), size,
+                tuple(recipients), lease_until,
             )
-        )
+        )  # fmt: skip
     return claims
 
 
@@ -248,7 +258,7 @@ _SET_DELIVERED = (
 )
 _SET_DEFERRED = (
     "UPDATE recipients SET state = 'deferred', attempts = attempts + 1, next_attempt = ?, "
-    f"last_error = ?, {_CLEAR_LEASE} {_FENCE}"
+    f"last_error = ?, warned = MAX(warned, ?), {_CLEAR_LEASE} {_FENCE}"
 )
 _SET_FAILED = (
     "UPDATE recipients SET state = 'failed', attempts = attempts + 1, last_error = ?, "
@@ -270,7 +280,7 @@ def record(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: RecordArgs) -> lis
             rows = conn.execute(_SET_DELIVERED, (o.recipient_id, o.lease_token)).fetchall()
         elif isinstance(result, Deferred):
             event, detail = "deferred", result.reason
-            params = (result.retry_at, result.reason, o.recipient_id, o.lease_token)
+            params = (result.retry_at, result.reason, result.warned, o.recipient_id, o.lease_token)
             rows = conn.execute(_SET_DEFERRED, params).fetchall()
         else:
             event, detail = "failed", result.reason
@@ -381,3 +391,53 @@ _RELEASE_OWNER = (
 def release_leases(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, owner: str) -> int:
     """A restarted worker gives back what its dead predecessor (same owner) claimed."""
     return conn.execute(_RELEASE_OWNER, (owner,)).rowcount
+
+
+_EXPIRED_LEASES = (
+    "SELECT id, queue_id, address, lease_owner FROM recipients "
+    "WHERE state = 'delivering' AND lease_until <= ?"
+)
+_RELEASE_ONE = (
+    "UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "
+    f"next_attempt = MIN(next_attempt, ?), {_CLEAR_LEASE} WHERE id = ?"
+)
+
+
+def release_expired_leases(
+    ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[float, float]
+) -> list[tuple[str, str, str]]:
+    """The sweep: give back claims whose lease ended before `expired_before` (their
+    worker died or hangs), due at `now`. Returns (queue_id, address, owner) of each."""
+    now, expired_before = arg
+    rows = conn.execute(_EXPIRED_LEASES, (expired_before,)).fetchall()
+    conn.executemany(_RELEASE_ONE, [(now, rid) for rid, _q, _a, _o in rows])
+    conn.executemany(
+        _INSERT_HISTORY,
+        [(qid, now, address, "released", f"lease of {owner} expired") for _r, qid, address, owner in rows],
+    )
+    return [(str(q), str(a), str(o)) for _r, q, a, o in rows]
+
+
+# Per-destination backoff: every waiting recipient of a destination waits until
+# `until` at least. Leased rows are left alone (their worker will record them).
+_DEFER_DOMAIN = """
+    UPDATE recipients SET state = 'deferred', next_attempt = ?, last_error = ?
+    WHERE transport = ? AND domain = ? AND due_at IS NOT NULL AND due_at < ?
+      AND state IN ('queued', 'deferred')
+"""
+_DEFER_TRANSPORT = """
+    UPDATE recipients SET state = 'deferred', next_attempt = ?, last_error = ?
+    WHERE transport = ? AND due_at IS NOT NULL AND due_at < ? AND state IN ('queued', 'deferred')
+"""
+
+DeferArgs = tuple[Transport, str | None, float, str]
+
+
+def defer_destination(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: DeferArgs) -> int:
+    """Push the next attempt of every waiting recipient of `domain` (None: of the
+    whole transport, e.g. a dead smarthost) to `until`. Not an attempt: the
+    attempt count is unchanged. Returns how many recipients moved."""
+    transport, domain, until, reason = arg
+    if domain is None:
+        return conn.execute(_DEFER_TRANSPORT, (until, reason, transport.value, until)).rowcount
+    return conn.execute(_DEFER_DOMAIN, (until, reason, transport.value, domain, until)).rowcount

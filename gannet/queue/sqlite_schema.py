@@ -8,7 +8,7 @@ Durability settings (per connection): `journal_mode=WAL` (readers never block
 the writer, a commit is one sequential append) and `synchronous=FULL` (the
 WAL is fsync'd at every COMMIT, so a committed enqueue survives power loss).
 
-Tables (schema version 1):
+Tables (schema version 2; version 2 added `recipients.warned` and two indexes):
 
   messages    one row per queued message (WITHOUT ROWID, keyed by queue_id).
               `spool_path` is the body file relative to the spool directory,
@@ -117,7 +117,19 @@ _V1 = (
     "CREATE INDEX history_by_message ON history (queue_id)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+# Version 2 (relaying): `warned` (a delay DSN was sent for this recipient);
+# an index for per-destination backoff (defer_destination) and one on message
+# age for the expiry sweep (claim_expired).
+_V2 = (
+    "ALTER TABLE recipients ADD COLUMN warned INTEGER NOT NULL DEFAULT 0",
+    """
+    CREATE INDEX recipients_due_by_domain ON recipients (transport, domain, due_at)
+        WHERE due_at IS NOT NULL
+    """,
+    "CREATE INDEX messages_by_age ON messages (received_at)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

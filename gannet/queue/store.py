@@ -81,6 +81,26 @@ class QueueStore(Protocol):
         """Make every recipient leased by `owner` claimable now (a restarted worker
         of that name knows its predecessor is dead). Returns how many."""
 
+    async def claim_expired(
+        self, now: float, *, received_before: float, limit: int, lease_seconds: float, owner: str
+    ) -> list[Claim]:
+        """The expiry sweep: lease up to `limit` unfinished, unheld recipients of
+        messages received before `received_before`, whatever their next attempt,
+        unless under a live lease. Oldest messages first."""
+
+    async def release_expired_leases(
+        self, now: float, *, expired_before: float
+    ) -> list[tuple[str, str, str]]:
+        """The stuck-claim sweep: make recipients whose lease ended before
+        `expired_before` due at `now`. Returns (queue_id, address, owner) of each."""
+
+    async def defer_destination(
+        self, transport: Transport, domain: str | None, *, until: float, reason: str
+    ) -> int:
+        """Per-destination backoff: every waiting (not leased) recipient of `domain`
+        over `transport` (None: all of the transport's) becomes due no sooner than
+        `until`, with `reason` as its last error. Not an attempt. Returns how many."""
+
     async def list_messages(self, filter: QueueFilter | None = None) -> list[QueuedMessageView]:
         """Messages still in the queue, oldest first, without history."""
 
