@@ -47,7 +47,8 @@ def remove(path: Path, keep: bool) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def gannet_config(work: Path, *, smtp: dict[str, Any] | None = None) -> str:
+def gannet_config(work: Path, *, smtp: dict[str, Any] | None = None, relay: dict[str, Any] | None = None,
+                  delivery: dict[str, Any] | None = None) -> str:
     """Gannet as the benchmarks run it: one mx listener, local domain example.test, Maildirs, no TLS."""
     host = peers.GANNET_HOST
     config: dict[str, Any] = {
@@ -61,14 +62,19 @@ def gannet_config(work: Path, *, smtp: dict[str, Any] | None = None) -> str:
     }
     if smtp:
         config["smtp"] = smtp
+    if relay:
+        config["relay"].update(relay)
+    if delivery:
+        config["delivery"] = delivery
     return peers.to_toml(config)
 
 
 def start_gannet(work: Path, *, smtp: dict[str, Any] | None = None, nofile: int | None = None,
+                 relay: dict[str, Any] | None = None, delivery: dict[str, Any] | None = None,
                  ) -> peers.GannetProcess:
     """A fresh Gannet in ``work/gannet`` with the account alice@example.test."""
-    g = peers.GannetProcess(work / "gannet", gannet_config(work / "gannet", smtp=smtp), start=False,
-                            nofile=nofile)
+    config = gannet_config(work / "gannet", smtp=smtp, relay=relay, delivery=delivery)
+    g = peers.GannetProcess(work / "gannet", config, start=False, nofile=nofile)
     g.cli("users", "add", BENCH_USER, "--password-stdin", input=BENCH_PASSWORD + "\n")
     g.start()
     return g

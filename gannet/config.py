@@ -139,6 +139,7 @@ class DeliveryConfig:
     tls: TlsPolicy = TlsPolicy.MAY  # outbound STARTTLS, every destination without its own entry
     tls_policy: dict[str, TlsPolicy] = field(default_factory=dict)  # domain (or "smarthost") → policy
     tls_ca_file: Path | None = None  # CA bundle for "verify" (default: the system's)
+    sweep_interval: float = 60.0  # how often the queue is swept for expired and stuck recipients
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +438,7 @@ class _Reader(ValueReader):
                 "tls",
                 "tls_policy",
                 "tls_ca_file",
+                "sweep_interval",
             },
         )
         retry_raw = t.get("retry")
@@ -469,6 +471,7 @@ class _Reader(ValueReader):
             ),
             tls=self.enum(t, "tls", "delivery.tls", TlsPolicy, TlsPolicy.MAY),
             tls_policy=self.tls_policies(t),
+            sweep_interval=self.duration(t, "sweep_interval", "delivery.sweep_interval", 60.0),
             tls_ca_file=self.path(ca)
             if (ca := self.string(t, "tls_ca_file", "delivery.tls_ca_file", ""))
             else None,

@@ -146,11 +146,18 @@ def queued(
 
 
 def delivered(
-    queue_id: str, recipient: str, relay: str, delay: float, detail: str, dsn: str = "2.0.0"
+    queue_id: str, recipient: str, relay: str, delay: float, detail: str, dsn: str = "2.0.0", tls: str = ""
 ) -> None:
     _emit(
         queue_id,
-        {"to": f"<{recipient}>", "relay": relay, "delay": f"{delay:.2f}", "dsn": dsn, "status": "sent"},
+        {
+            "to": f"<{recipient}>",
+            "relay": relay,
+            "delay": f"{delay:.2f}",
+            "tls": tls,
+            "dsn": dsn,
+            "status": "sent",
+        },
         detail,
     )
 
@@ -163,11 +170,13 @@ def deferred(
     reason: str,
     dsn: str = "4.0.0",
     retry_in: float | None = None,
+    tls: str = "",
 ) -> None:
     fields: dict[str, object] = {
         "to": f"<{recipient}>",
         "relay": relay,
         "delay": f"{delay:.2f}",
+        "tls": tls,
         "dsn": dsn,
         "status": "deferred",
     }
@@ -176,10 +185,19 @@ def deferred(
     _emit(queue_id, fields, reason)
 
 
-def bounced(queue_id: str, recipient: str, relay: str, delay: float, reason: str, dsn: str = "5.0.0") -> None:
+def bounced(
+    queue_id: str, recipient: str, relay: str, delay: float, reason: str, dsn: str = "5.0.0", tls: str = ""
+) -> None:
     _emit(
         queue_id,
-        {"to": f"<{recipient}>", "relay": relay, "delay": f"{delay:.2f}", "dsn": dsn, "status": "bounced"},
+        {
+            "to": f"<{recipient}>",
+            "relay": relay,
+            "delay": f"{delay:.2f}",
+            "tls": tls,
+            "dsn": dsn,
+            "status": "bounced",
+        },
         reason,
     )
 

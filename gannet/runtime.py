@@ -19,13 +19,11 @@ import pickle
 import resource
 import signal
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 from gannet import config as config_mod
 from gannet.clock import SystemClock
 from gannet.config import Config, ConfigError
-from gannet.policy.accounts import Accounts, AccountsError
+from gannet.policy.accounts import AccountsError, AccountsFile
 from gannet.policy.recipients import RecipientTable
 from gannet.queue.sqlite import SqliteStore
 from gannet.queue.store import QueueStore
@@ -51,31 +49,6 @@ def open_store(config: Config) -> QueueStore:
     )
 
 
-@dataclass(slots=True)
-class _AccountsCache:
-    """The users file, re-read when its mtime or size changes."""
-
-    path: Path
-    stamp: tuple[int, int] = (-1, -1)
-    accounts: Accounts | None = None
-
-    def get(self) -> Accounts:
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stamp = (0, 0)
-        if stamp != self.stamp or self.accounts is None:
-            try:
-                self.accounts = Accounts.load(self.path)
-                self.stamp = stamp
-            except AccountsError as exc:
-                if self.accounts is None:
-                    raise
-                log.error("users file not reloaded, keeping the previous one: %s", exc)
-        return self.accounts
-
-
 class Server:
     """One running Gannet. `await run()` until stopped."""
 
@@ -83,7 +56,7 @@ class Server:
         self.config = config
         self.log_format = log_format
         self.clock = SystemClock()
-        self.accounts = _AccountsCache(config.mailboxes.users_file)
+        self.accounts = AccountsFile(config.mailboxes.users_file)
         self.stopping = asyncio.Event()
 
     def _table(self, config: Config) -> RecipientTable:

@@ -13,8 +13,9 @@
   table (``relay={"trusted_networks": ["127.0.0.9/32"]}``,
   ``smtp={"max_recipients": 3}``, ``listen=[...]`` replaces the listeners);
   ``config_extra`` is TOML text appended as is (new tables only).
-- ``postfix``, ``dovecot``, ``smtp_sink``: factories for PostfixInstance,
-  DovecotImap and SmtpSink, each in its own directory under tmp_path.
+- ``postfix``, ``dovecot``, ``smtp_sink``, ``dns_server``: factories for
+  PostfixInstance, DovecotImap, SmtpSink and DnsServer (dnsmasq), each in its
+  own directory under tmp_path.
 
 Every process a factory starts is stopped when the test ends, whatever its
 outcome. A missing program skips the test with the reason (fails it in CI).
@@ -131,3 +132,8 @@ def dovecot(tmp_path: Path) -> Iterator[Callable[..., peers.DovecotImap]]:
 @pytest.fixture
 def smtp_sink(tmp_path: Path) -> Iterator[Callable[..., peers.SmtpSink]]:
     yield from _peer_factory(tmp_path, "sink-work", peers.SmtpSink, peers.SmtpSink.stop)
+
+
+@pytest.fixture
+def dns_server(tmp_path: Path) -> Iterator[Callable[..., peers.DnsServer]]:
+    yield from _peer_factory(tmp_path, "dns-work", peers.DnsServer, peers.DnsServer.close)

@@ -50,6 +50,9 @@ from pathlib import Path
 from gannet import maillog
 from gannet.clock import Clock
 from gannet.config import DeliveryConfig
+from gannet.delivery.attempts import Verdict, verdict
+from gannet.delivery.bounces import Bounces
+from gannet.delivery.dsn import RecipientReport
 from gannet.delivery.local_decisions import (
     BadMailbox,
     TempError,
@@ -75,7 +78,6 @@ from gannet.queue.model import (
     ClaimedRecipient,
     Deferred,
     Delivered,
-    Failed,
     NewMessage,
     Outcome,
     RecipientOutcome,
@@ -92,10 +94,6 @@ RECORD_BACKOFF = (0.5, 1.0, 2.0, 4.0)  # retries of a failed record, then give u
 BODY_BUDGET = 64 * 1024 * 1024  # bytes of bodies held in memory at once (at least one)
 LF_IN_THREAD = 1024 * 1024  # convert bodies larger than this off the event loop
 STREAM_ABOVE = 1024 * 1024  # bodies larger than this are streamed from their spool file
-
-# Called with a claim and its recipients that failed permanently; returns the
-# DSN messages to enqueue in the same commit as the outcomes (issue: dsn.py).
-BounceFactory = Callable[[Claim, Sequence[tuple[ClaimedRecipient, Failed]]], Sequence[NewMessage]]
 
 
 def _dsn_code(reason: str, default: str) -> str:
@@ -188,16 +186,18 @@ class LocalDelivery:
         lease_seconds: float = 300.0,
         batch: int = 64,
         max_batches: int = 3,
-        bounces: BounceFactory | None = None,
+        bounces: Bounces | None = None,
         gather: float = 0.0,
         batch_sync: bool = False,
+        on_enqueued: Callable[[], None] = lambda: None,
     ) -> None:
         """`gather`: after an idle wait ended by wake(), wait this long before
         claiming, so that messages arriving one by one are claimed, written and
         recorded in batches (fewer write transactions competing with the
         sessions' commits; a few ms of delivery latency).
         `batch_sync`: commit each batch's files with syncfs (maildir.commit_batch)
-        instead of an fsync per file and per new/ directory."""
+        instead of an fsync per file and per new/ directory.
+        `on_enqueued`: called after a record that enqueued DSNs."""
         self._store = store
         self._template = maildir_template
         self._delivery = delivery
@@ -208,6 +208,7 @@ class LocalDelivery:
         self._batch = max(1, batch)
         self._max_batches = max(1, max_batches)
         self._bounces = bounces
+        self._on_enqueued = on_enqueued
         self._gather = gather
         self._batch_sync = batch_sync and SYNCFS_AVAILABLE
         self._writes = asyncio.Semaphore(delivery.local_concurrency)
@@ -323,8 +324,12 @@ class LocalDelivery:
             per_claim = await asyncio.gather(*(self._write_claim(c, executor) for c in claims))
             attempts = [a for claim_attempts in per_claim for a in claim_attempts]
             attempts = await self._sync_new_dirs(attempts, executor)
-        outcomes = [self._conclude(a.claim, a.rcpt, a.result) for a in attempts]
-        dsns = self._make_dsns(claims, outcomes)
+        verdicts = [(a.claim, self._conclude(a.claim, a.rcpt, a.result)) for a in attempts]
+        now = self._clock.now()
+        outcomes = [
+            RecipientOutcome(v.rcpt.recipient_id, v.rcpt.lease_token, v.outcome, now) for _, v in verdicts
+        ]
+        dsns = await self._make_dsns(verdicts, now)
         await self._record(outcomes, dsns)
         if any(isinstance(o.outcome, Deferred) for o in outcomes):
             # The idle sleep was computed while these were leased; their new
@@ -459,7 +464,7 @@ class LocalDelivery:
         await asyncio.gather(*(sync(d) for d in dirs_to_sync(a.result for a in attempts)))
         return [_Attempt(a.claim, a.rcpt, apply_sync_errors(a.result, errors)) for a in attempts]
 
-    def _conclude(self, claim: Claim, rcpt: ClaimedRecipient, result: WriteResult) -> RecipientOutcome:
+    def _conclude(self, claim: Claim, rcpt: ClaimedRecipient, result: WriteResult) -> Verdict:
         now = self._clock.now()
         outcome = decide_outcome(
             result, attempts=rcpt.attempts, received_at=claim.received_at, now=now, delivery=self._delivery
@@ -471,20 +476,19 @@ class LocalDelivery:
             self.stats.deferred += 1
         else:
             self.stats.failed += 1
-        return RecipientOutcome(rcpt.recipient_id, rcpt.lease_token, outcome, now)
+        return verdict(claim, rcpt, outcome, now=now, delivery=self._delivery, final=True)
 
-    def _make_dsns(self, claims: list[Claim], outcomes: list[RecipientOutcome]) -> list[NewMessage]:
+    async def _make_dsns(self, verdicts: list[tuple[Claim, Verdict]], now: float) -> list[NewMessage]:
+        """The DSNs the batch calls for: one per message with reports."""
         if self._bounces is None:
             return []
-        failed = {o.recipient_id: o.outcome for o in outcomes if isinstance(o.outcome, Failed)}
+        by_claim: dict[str, tuple[Claim, list[RecipientReport]]] = {}
+        for claim, v in verdicts:
+            if v.report is not None:
+                by_claim.setdefault(claim.queue_id, (claim, []))[1].append(v.report)
         dsns: list[NewMessage] = []
-        for claim in claims:
-            pairs = [(r, f) for r in claim.recipients if isinstance(f := failed.get(r.recipient_id), Failed)]
-            if pairs:
-                try:
-                    dsns.extend(self._bounces(claim, pairs))
-                except Exception:
-                    log.exception("%s: building the DSN failed", claim.queue_id)
+        for claim, reports in by_claim.values():
+            dsns += await self._bounces.reports(claim, reports, now=now)
         return dsns
 
     async def _record(self, outcomes: list[RecipientOutcome], dsns: list[NewMessage]) -> None:
@@ -504,6 +508,8 @@ class LocalDelivery:
                 await self._clock.sleep(pause)
             else:
                 self.stats.records += 1
+                if dsns:
+                    self._on_enqueued()  # the DSNs may be ours or the remote agent's
                 return
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gannet.config import DeliveryConfig
-from gannet.delivery.retry import retry_at
+from gannet.delivery.retry import defer_or_expire
 from gannet.queue.model import Deferred, Delivered, Failed, Outcome
 
 IDLE_CAP = 30.0  # never sleep longer: a missed wake() or a clock jump costs at most this
@@ -63,17 +63,15 @@ def decide_outcome(
         return Delivered(detail=str(result.path))
     if isinstance(result, BadMailbox):
         return Failed("5.1.3 bad mailbox name")
-    when = retry_at(
-        attempts + 1,
-        received_at,
-        now,
+    when, reason = defer_or_expire(
+        result.reason,
+        attempts=attempts + 1,
+        received_at=received_at,
+        now=now,
         schedule=delivery.retry,
         give_up_after=delivery.give_up_after,
     )
-    if when is None:
-        days = delivery.give_up_after / 86400
-        return Failed(f"4.4.7 message expired after {days:g} days; last error: {result.reason}")
-    return Deferred(reason=result.reason, retry_at=when)
+    return Failed(reason) if when is None else Deferred(reason=reason, retry_at=when)
 
 
 def dirs_to_sync(results: Iterable[WriteResult]) -> list[Path]:

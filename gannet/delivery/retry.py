@@ -43,3 +43,24 @@ def retry_at(
     if is_expired(received_at, now, give_up_after):
         return None
     return min(now + next_retry(attempts, schedule), received_at + give_up_after)
+
+
+def defer_or_expire(
+    reason: str,
+    *,
+    attempts: int,
+    received_at: float,
+    now: float,
+    schedule: Sequence[float],
+    give_up_after: float,
+    not_before: float = 0.0,
+) -> tuple[float | None, str]:
+    """After a temporary failure (`attempts` counts it): (when to retry, reason), or
+    (None, expiry reason) when the message has waited too long and must bounce
+    with 4.4.7 (RFC 3463: "delivery time expired"). `not_before` pushes the retry
+    no sooner than a destination's backoff."""
+    when = retry_at(attempts, received_at, now, schedule=schedule, give_up_after=give_up_after)
+    if when is None:
+        days = give_up_after / 86400
+        return None, f"4.4.7 message expired after {days:g} days; last error: {reason}"
+    return max(when, not_before), reason

@@ -1,4 +1,6 @@
-"""The delivery worker: local delivery in a process of its own, started by `gannet serve`.
+"""The delivery worker: every delivery agent (local Maildir or LMTP, outbound
+SMTP, the queue sweep; see agents.py) in a process of its own, started by
+`gannet serve`.
 
 Why a process and not threads beside the SMTP sessions: Maildir delivery is
 fsync- and syscall-heavy, and in one process its threads fight the event loop
@@ -21,7 +23,7 @@ Protocol with the parent (runtime.DeliveryWorker):
 One worker per data directory: at start it takes an exclusive lock on
 `data_dir/delivery.lock` (waiting while a predecessor still finishes its last
 writes, e.g. after its server was killed and restarted at once), and only
-then releases the leases of its owner name: whoever held them is gone. The
+then releases the leases of its agents' owner names: whoever held them is gone. The
 server's own crash recovery leaves leases alone for this reason; releasing
 them under a live predecessor would deliver its last messages twice.
 """
@@ -37,15 +39,10 @@ from pathlib import Path
 
 from gannet.clock import SystemClock
 from gannet.config import Config
-from gannet.delivery.local import LocalDelivery
+from gannet.delivery.agents import OWNERS, build_agents
 from gannet.queue.sqlite import SqliteStore
 
 log = logging.getLogger("gannet.delivery")
-
-OWNER = "local"
-# After a wake-up, collect for this long before claiming: at low concurrency
-# each message would otherwise cost its own claim and record transactions.
-GATHER = 0.01
 
 
 async def run_worker(config: Config, wake_fd: int) -> int:
@@ -55,20 +52,15 @@ async def run_worker(config: Config, wake_fd: int) -> int:
     store = SqliteStore(config.queue.sqlite_path, spool_dir=config.data_dir / "spool", recover=False)
     await store.open()
     try:
-        released = await store.release_leases(OWNER)
-        if released:
-            log.info(
-                "delivery worker: %d recipient(s) left claimed by a previous worker are due again", released
-            )
-        delivery = LocalDelivery(
-            store,
-            maildir_template=config.mailboxes.maildir,
-            delivery=config.delivery,
-            clock=SystemClock(),
-            owner=OWNER,
-            gather=GATHER,
-            batch_sync=config.delivery.maildir_sync == "batch",
-        )
+        for owner in OWNERS:
+            released = await store.release_leases(owner)
+            if released:
+                log.info(
+                    "delivery worker: %d recipient(s) left claimed by a previous %s worker are due again",
+                    released,
+                    owner,
+                )
+        agents = build_agents(config, store, SystemClock())
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         os.set_blocking(wake_fd, False)
@@ -79,7 +71,7 @@ async def run_worker(config: Config, wake_fd: int) -> int:
             except BlockingIOError:
                 return
             if data:
-                delivery.wake()
+                agents.wake()
             else:  # the parent closed its end: it is gone
                 loop.remove_reader(wake_fd)
                 stopping.set()
@@ -87,11 +79,17 @@ async def run_worker(config: Config, wake_fd: int) -> int:
         loop.add_reader(wake_fd, on_wake)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        task = asyncio.create_task(delivery.run(), name="local-delivery")
+        tasks = [
+            asyncio.create_task(agents.local.run(), name="local-delivery"),
+            asyncio.create_task(agents.remote.run(), name="remote-delivery"),
+            asyncio.create_task(agents.sweep.run(), name="queue-sweep"),
+        ]
         await stopping.wait()
-        await delivery.stop()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        agents.sweep.stop()
+        await asyncio.gather(agents.local.stop(), agents.remote.stop())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         return 0
     finally:
         await store.close()

@@ -40,6 +40,7 @@ offline-crackable secrets.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -49,6 +50,8 @@ from pathlib import Path
 from argon2 import PasswordHasher
 
 from gannet.util.files import atomic_write
+
+log = logging.getLogger("gannet.policy")
 
 try:  # POSIX only; elsewhere concurrent `gannet users` runs are not serialised.
     import fcntl
@@ -273,3 +276,30 @@ def _locked_dir(directory: Path) -> Iterator[int]:
         yield dir_fd
     finally:
         os.close(dir_fd)  # closing releases the flock
+
+
+@dataclass(slots=True)
+class AccountsFile:
+    """The users file for a long-running process: `get()` re-reads it when its
+    mtime or size changed, and keeps the previous accounts (logging why) when
+    the new file is malformed."""
+
+    path: Path
+    stamp: tuple[int, int] = (-1, -1)
+    accounts: Accounts | None = None
+
+    def get(self) -> Accounts:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = (0, 0)
+        if stamp != self.stamp or self.accounts is None:
+            try:
+                self.accounts = Accounts.load(self.path)
+                self.stamp = stamp
+            except AccountsError as exc:
+                if self.accounts is None:
+                    raise
+                log.error("users file not reloaded, keeping the previous one: %s", exc)
+        return self.accounts

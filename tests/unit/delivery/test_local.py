@@ -18,6 +18,7 @@ import pytest
 
 from gannet.clock import FakeClock
 from gannet.config import DeliveryConfig
+from gannet.delivery.dsn import RecipientReport
 from gannet.delivery.local import LocalDelivery
 from gannet.delivery.local_decisions import (
     BadMailbox,
@@ -32,7 +33,6 @@ from gannet.delivery.local_decisions import (
 from gannet.delivery.maildir import SYNCFS_AVAILABLE
 from gannet.queue.model import (
     Claim,
-    ClaimedRecipient,
     Deferred,
     Delivered,
     Failed,
@@ -415,20 +415,22 @@ async def test_an_unreadable_body_defers(h: Harness) -> None:
 async def test_failed_recipients_go_to_the_bounce_factory_in_the_same_record(
     tmp_path: Path,
 ) -> None:
-    seen: list[tuple[str, list[str]]] = []
+    seen: list[tuple[str, list[tuple[str, str]]]] = []
 
-    def bounces(claim: Claim, failed: Sequence[tuple[ClaimedRecipient, Failed]]) -> list[NewMessage]:
-        seen.append((claim.queue_id, [r.address for r, _ in failed]))
-        return [NewMessage(queue_id="DSN1", sender="", recipients=(), body=InlineBody(b"x"),
-                           received_at=T0, held=True)]
+    class Reports:  # stands in for delivery.bounces.Bounces: records what it is asked
+        async def reports(self, claim: Claim, reports: Sequence[RecipientReport], *, now: float,
+                          content: bytes | None = None) -> list[NewMessage]:
+            seen.append((claim.queue_id, [(r.final_recipient, r.action.value) for r in reports]))
+            return [NewMessage(queue_id="DSN1", sender="", recipients=(), body=InlineBody(b"x"),
+                               received_at=T0, held=True)]
 
-    h = Harness(tmp_path, bounces=bounces)
+    h = Harness(tmp_path, bounces=Reports())
     await h.enqueue(h.message("Q1", "ok@example.test", "bad@example.test",
                               mailboxes=["ok@example.test", ".bad@example.test"]))
     h.start()
     await until(lambda: "Q1" not in h.store.messages)
     await h.stop()
-    assert seen == [("Q1", ["bad@example.test"])]
+    assert seen == [("Q1", [("bad@example.test", "failed")])]
     assert [m.queue_id for m in h.store.record_enqueued] == ["DSN1"]
     assert len(h.store.record_calls) == 1
 

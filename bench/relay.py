@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Relay rate end to end: smtp-source → Gannet → smtp-sink, and the same through Postfix.
+
+For each number of sessions (default 10 and 50), a fresh server relays
+MESSAGES messages of 4 KiB with one recipient (``bench@sink.test``, a domain
+that is not its own) to Postfix's smtp-sink on 127.0.0.3, its smarthost:
+
+- Gannet: ``[relay] smarthost = "127.0.0.3:PORT"``; 250 only after the queue
+  commit is fsync'd; outbound connections reused (RSET between messages),
+  PIPELINING; its default limits (20 connections per destination);
+- Postfix 3.7: ``relayhost = [127.0.0.3]:PORT``, defaults otherwise (cleanup
+  fsyncs the queue file before 250; smtp(8) with its connection cache,
+  20 connections per destination).
+
+Reported per run:
+- msgs/s: MESSAGES / the time from smtp-source's start until smtp-sink has
+  counted them all (end to end);
+- accept s: smtp-source's own wall time; drain s: from its end to the last;
+- CPU ms/msg: the server's CPU over the whole run divided by MESSAGES (see
+  bench/accept.py for how each server's CPU is summed);
+- rate G/P and CPU G/P: Gannet ÷ Postfix.
+smtp-source and smtp-sink run on the same 2 cores and take their share.
+``--profile DIR`` samples Gannet's processes with py-spy (see accept.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import _common
+from _common import peers
+
+SERVERS = ("gannet", "postfix")
+RECIPIENT = "bench@sink.test"
+
+
+@dataclass
+class Run:
+    server: str
+    sessions: int
+    messages: int
+    total: float = 0.0
+    accept: float = 0.0
+    cpu: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.total
+
+
+def run_once(server: str, sessions: int, messages: int, size: int, keep: bool, profile: Path | None) -> Run:
+    run = Run(server, sessions, messages)
+    work = _common.workdir(f"relay-{server}-{sessions}")
+    sink = peers.SmtpSink(work / "sink", max_sessions=1000, backlog=1000)
+    try:
+        if server == "gannet":
+            g = _common.start_gannet(work, relay={"smarthost": sink.target})
+            target, stop = g.target(), g.stop
+
+            def cpu() -> float:
+                return peers.process_tree_cpu_seconds(g.pid)
+        else:
+            pf = peers.PostfixInstance(work / "postfix", mode="relay", relayhost=sink.target,
+                                       process_limit=max(100, 2 * sessions + 40))
+            target, cpu, stop = pf.target, pf.cpu_seconds, pf.close
+        profilers = []
+        if profile and server == "gannet":
+            profile.mkdir(parents=True, exist_ok=True)
+            for pid in [g.pid, *peers.child_pids(g.pid)]:
+                profilers.append(_common.Profiler(pid, profile / f"relay-{sessions}-{pid}.txt"))
+        try:
+            cpu0 = cpu()
+            start = time.monotonic()
+            result = peers.smtp_source(target, messages=messages, sessions=sessions, size=size,
+                                       sender="bench@client.test", recipient=RECIPIENT,
+                                       helo="client.test", timeout=3600)
+            run.accept = result.elapsed
+            peers.wait_progress(sink.count, messages, stall=120, what=f"{server} relaying to smtp-sink")
+            run.total = time.monotonic() - start
+            run.cpu = cpu() - cpu0
+        finally:
+            for p in profilers:
+                p.stop()
+                print(p.summary(), file=sys.stderr)
+            stop()
+    finally:
+        sink.stop()
+        _common.remove(work, keep)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per run (default 20000)")
+    parser.add_argument("--quick", action="store_true", help="2000 messages per run: a smoke test")
+    parser.add_argument("--sessions", default="10,50", help="session counts (default 10,50)")
+    parser.add_argument("--servers", default=",".join(SERVERS), help="gannet,postfix (default both)")
+    parser.add_argument("--size", type=int, default=4096, help="body bytes (smtp-source -l, default 4096)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directories")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="sample Gannet with py-spy into DIR")
+    args = parser.parse_args(argv)
+    messages = 2000 if args.quick else args.messages
+    servers = args.servers.split(",")
+    if not set(servers) <= set(SERVERS):
+        parser.error("--servers takes gannet,postfix")
+    _common.require("smtp-source", "smtp-sink", *(["postfix"] if "postfix" in servers else []))
+    peers.raise_nofile(4096)
+    runs: dict[tuple[str, int], Run] = {}
+    for n in (int(s) for s in args.sessions.split(",")):
+        for server in servers:
+            print(f"… {server}: {messages} messages, {n} sessions", file=sys.stderr, flush=True)
+            runs[server, n] = r = run_once(server, n, messages, args.size, args.keep, args.profile)
+            print(f"  {r.rate:,.0f} msgs/s end to end, {1000 * r.cpu / messages:.2f} ms CPU/msg",
+                  file=sys.stderr, flush=True)
+    rows = []
+    for (server, n), r in runs.items():
+        other = runs.get(("postfix", n))
+        ratio_rate = f"{r.rate / other.rate:.2f}x" if server == "gannet" and other else ""
+        ratio_cpu = f"{r.cpu / other.cpu:.2f}x" if server == "gannet" and other else ""
+        rows.append([server, n, r.rate, r.total, r.accept, r.total - r.accept, 1000 * r.cpu / messages,
+                     ratio_rate, ratio_cpu])
+    print(f"\n{messages} messages of {args.size} bytes, 1 recipient each, relayed to smtp-sink; "
+          f"{os.cpu_count()} CPUs\n")
+    print(_common.table(["server", "sessions", "msgs/s", "total s", "accept s", "drain s", "CPU ms/msg",
+                         "rate G/P", "CPU G/P"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
