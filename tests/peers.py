@@ -11,7 +11,9 @@ tests/conftest.py) and by bench/ (imported directly). It starts:
 - Postfix's load tools: ``smtp_source`` (the client) and ``SmtpSink`` (a
   counting, optionally dumping, server);
 - a private Dovecot (``DovecotImap``) reading a Maildir tree over IMAP, and
-  later taking LMTP;
+  later taking LMTP (over TCP or its unix socket), optionally checking SASL
+  AUTH for Postfix (``auth_socket=True``, ``postfix_sasl_settings``);
+- a TCP server that never greets (``BlackHole``), for greeting timeouts;
 - swaks (``swaks``);
 - dnsmasq (``DnsServer``) serving MX/A/AAAA/TXT/PTR records given as
   Python data, with NXDOMAIN and SERVFAIL on demand.
@@ -1015,6 +1017,76 @@ class SmtpSink:
         self.stop()
 
 
+# --------------------------------------------------------------------------- black hole
+
+
+class BlackHole:
+    """A TCP server that accepts connections and never says anything (no banner, no reply).
+
+    For greeting timeouts: a client connects at once, then waits. Listens on a
+    free port of ``host`` (default SINK_HOST's address, 127.0.0.3); a thread
+    accepts and holds every connection until ``close()``; ``accepted`` counts
+    them. A context manager.
+    """
+
+    def __init__(self, host: str = SINK_HOST, port: int = 0) -> None:
+        import threading
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.host, self.port = host, int(self.sock.getsockname()[1])
+        self.held: list[socket.socket] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name=f"black-hole-{self.port}", daemon=True)
+        self._thread.start()
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def accepted(self) -> int:
+        return len(self.held)
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self.sock.close()
+        for conn in self.held:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def __enter__(self) -> BlackHole:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def postfix_sasl_settings(auth_socket: Path) -> dict[str, str]:
+    """main.cf settings for SASL AUTH in a PostfixInstance, checked by a Dovecot auth socket
+    (``DovecotImap(auth_socket=True).auth_socket``): ``PostfixInstance(settings=...)``.
+    smtpd then offers ``AUTH PLAIN LOGIN`` (without TLS too: smtpd_tls_auth_only is off)."""
+    return {
+        "smtpd_sasl_auth_enable": "yes",
+        "smtpd_sasl_type": "dovecot",
+        "smtpd_sasl_path": str(auth_socket),
+    }
+
+
 # --------------------------------------------------------------------------- smtp-source
 
 
@@ -1167,7 +1239,8 @@ class DovecotImap:
 
     def __init__(self, workdir: Path, *, users: Mapping[str, str], maildir_root: Path | None = None,
                  listen: str | None = None, lmtp: bool = False, lmtp_listen: str | None = None,
-                 mail_user: str = "nobody", start: bool = True, startup_timeout: float = 20.0) -> None:
+                 mail_user: str = "nobody", auth_socket: bool = False, start: bool = True,
+                 startup_timeout: float = 20.0) -> None:
         self.program = need("dovecot")
         self.workdir = Path(workdir)
         self.mail_user = pwd.getpwnam(mail_user)
@@ -1202,6 +1275,13 @@ class DovecotImap:
             host=self.host, maildir_root=self.maildir_root, passwd=self.passwd_path,
             mail_user=self.mail_user.pw_uid, mail_group=self.mail_user.pw_gid,
             imap_port=self.imap_port, lmtp_listener=lmtp_listener))
+        # auth_socket=True: a SASL socket anyone may use, for Postfix's smtpd_sasl_type = dovecot
+        # (see postfix_sasl_settings); it checks the same passwd-file as IMAP.
+        self.auth_socket: Path | None = None
+        if auth_socket:
+            self.auth_socket = base / "run" / "auth-postfix"
+            with open(self.config_path, "a") as conf:
+                conf.write("service auth {\n  unix_listener auth-postfix {\n    mode = 0666\n  }\n}\n")
         self.proc: subprocess.Popen[bytes] | None = None
         if start:
             self.start()
@@ -1226,6 +1306,9 @@ class DovecotImap:
             for port, what in ((self.imap_port, "imap"), (self.lmtp_port, "lmtp")):
                 if port:
                     wait_port(self.host, port, self.startup_timeout, proc=self.proc, what=f"dovecot {what}")
+            if self.auth_socket is not None:
+                socket_path = self.auth_socket
+                wait_for(socket_path.exists, self.startup_timeout, f"dovecot auth socket {socket_path}")
         except PeerError as exc:
             self.stop()
             raise PeerError(f"{exc}\n--- dovecot.log ---\n{self.log_text()[-3000:]}") from None
@@ -1239,6 +1322,13 @@ class DovecotImap:
         if self.lmtp_port is None:
             raise PeerError("DovecotImap was started without lmtp=True")
         return self.host, self.lmtp_port
+
+    @property
+    def lmtp_socket(self) -> Path:
+        """The LMTP unix socket (a ``unix:`` destination): root's, mode 0600 (the suite is root)."""
+        if self.lmtp_port is None:
+            raise PeerError("DovecotImap was started without lmtp=True")
+        return self.root.path / "run" / "lmtp"
 
     def log_text(self) -> str:
         text = ""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import peers
 import pytest
+
 from interop.test_relay import Relay, common_port, records
 
 pytestmark = pytest.mark.interop
@@ -81,7 +82,8 @@ def test_a_dead_destination_is_backed_off_as_a_whole(
     peers.wait_for(lambda: relay.log_lines("is not responding"), 60, "the destination to be found dead")
 
     def all_deferred() -> bool:
-        return len([ln for ln in relay.log_lines("to=<bob@dead.test>") if "status=deferred" in ln]) >= messages
+        lines = relay.log_lines("to=<bob@dead.test>")
+        return len([ln for ln in lines if "status=deferred" in ln]) >= messages
     peers.wait_for(all_deferred, 60, f"{messages} deferrals")
     # Only the first connections (5 per destination) were tried; the rest waited for the backoff.
     attempts = relay.log_lines("dead.test: 4.4.2")
