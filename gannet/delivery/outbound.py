@@ -325,6 +325,9 @@ class OutboundConnection:
             raise SessionFailure(f"4.4.1 connect to {label}: Connection timed out", stage="connect") from None
         except OSError as exc:
             raise SessionFailure(f"4.4.1 connect to {label}: {_strerror(exc)}", stage="connect") from None
+        except Exception as exc:  # a malformed address or port: still the session's failure, not a crash
+            log.exception("%s: cannot connect", label)
+            raise SessionFailure(f"4.4.1 connect to {label}: {exc}", stage="connect") from None
         return cls(wire, options, hop_host.strip("[]"), label, loopback)
 
     async def _setup(self, policy: TlsPolicy) -> None:
@@ -383,7 +386,7 @@ class OutboundConnection:
             raise self._failure("STARTTLS", f"4.7.5 TLS is required, but host {self.label} refused to "
                                 f"start TLS: {_text(reply)}", reply=reply)
         try:
-            self.tls = await self._wire.start_tls(ctx, self.hop_host, self.options.command_timeout)
+            self.tls = await self._wire.start_tls(ctx, self.hop_host or None, self.options.command_timeout)
         except (OSError, TimeoutError, EOFError) as exc:
             detail = getattr(exc, "verify_message", "") or str(exc) or type(exc).__name__
             if policy is TlsPolicy.MAY:
@@ -562,7 +565,9 @@ class OutboundConnection:
         if not accepted:
             await self._abandon(early, data_sent)
             return results
-        if early:
+        if self._closing_reply is not None:  # a 421 to a later RCPT: nothing more goes out
+            replies, stage = [self._closing_reply], "DATA"
+        elif early:
             self._body_sent = True
             replies = [await self._next("end of data", self.options.data_timeout)]
             stage = "end of data"
@@ -691,8 +696,11 @@ class OutboundConnection:
         """Before reusing the connection: False when it must not be reused (then close() it)."""
         if not self.usable or self._closed:
             return False
-        if self._wire.has_input():  # an idle server spoke (a 421 before its idle close) or closed
-            self.usable = False
+        try:  # a reply nobody asked for, left in the core, would answer the next command
+            leftover = self._core.next_event()
+        except RemoteProtocolError:
+            leftover = None
+        if leftover is not PAUSED or self._wire.has_input():  # an idle server spoke (421?) or closed
             self._abort()
             return False
         if self.capabilities.pipelining:

@@ -50,6 +50,7 @@ def records(**extra: dict[str, list[Any]]) -> dict[str, dict[str, list[Any]]]:
         "dead.test": {"MX": [(10, "mx.dead.test")]},
         "mx.dead.test": {"A": ["127.0.0.5"]},
         "example.test": {"MX": [(10, "mx.example.test")]},
+        "loop.test": {"MX": [(10, "mx.example.test")]},  # Gannet's own hostname
         "mx.example.test": {"A": [peers.GANNET_HOST]},
     }
     base.update(extra)
@@ -144,11 +145,16 @@ def test_mail_reaches_a_real_postfix(gannet: Callable[..., peers.GannetProcess],
     pf = postfix(mode="maildir", listen=f"{peers.POSTFIX_HOST}:{port}", domains=["postfix.test"],
                  mailboxes=["bob@postfix.test"], hostname="mx.postfix.test")
     relay = Relay(gannet, dns, port)
-    msg_id = relay.send("bob@postfix.test")
+    # One transaction, two RCPTs: Postfix takes bob and refuses nobody (550 5.1.1).
+    msg_id = relay.send(["bob@postfix.test", "nobody@postfix.test"])
     files = peers.wait_for(lambda: pf.delivered("bob@postfix.test") or None, 30, "Postfix to deliver")
     headers = peers.read_headers(files[0])
     assert headers["Message-ID"] == msg_id
     assert "mx.example.test" in str(headers.get_all("Received")[0])
+    (report,) = relay.wait_report()
+    (block,) = status_blocks(report)
+    assert block["Final-Recipient"] == "rfc822; nobody@postfix.test" and block["Status"] == "5.1.1"
+    assert "RCPT TO" in block["Diagnostic-Code"]
     relay.wait_queue_empty()
 
 
@@ -225,7 +231,9 @@ def test_a_temporary_refusal_is_retried(stage: str, gannet: Callable[..., peers.
 # -- DNS answers -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("domain", "status"), [("nullmx.test", "5.1.10"), ("nosuchdomain.test", "5.1.2")])
+@pytest.mark.parametrize(("domain", "status"), [
+    ("nullmx.test", "5.1.10"), ("nosuchdomain.test", "5.1.2"), ("loop.test", "5.4.6"),
+])
 def test_a_domain_that_takes_no_mail_bounces_at_once(domain: str, status: str,
                                                       gannet: Callable[..., peers.GannetProcess],
                                                       dns: peers.DnsServer) -> None:

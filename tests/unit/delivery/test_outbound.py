@@ -430,6 +430,25 @@ async def test_421_mid_transaction_answers_the_rest(fake: Fake) -> None:
     assert server.messages == []
 
 
+async def test_421_to_the_last_rcpt_before_a_streamed_body(fake: Fake, tmp_path: Path) -> None:
+    spooled = tmp_path / "body"
+    spooled.write_bytes(big_body(1_500_000))
+    server, port = await fake(ehlo=("PIPELINING", "CHUNKING"), replies={"RCPT": [None, b"421 4.3.2 bye\r\n"]})
+    conn = await connect(port)
+    results = await conn.send_message(envelope("a@y.test", "b@y.test"), spooled)
+    assert codes(results) == [(421, "DATA"), (421, "RCPT TO")] and not conn.usable
+    await conn.close()
+    assert "BDAT" not in server.verbs()
+
+
+async def test_an_unsolicited_reply_stops_reuse(fake: Fake) -> None:
+    _server, port = await fake(replies={".": [b"250 2.0.0 ok\r\n250 2.0.0 and another\r\n"]})
+    conn = await connect(port)
+    assert codes(await conn.send_message(envelope(), MESSAGE)) == [(250, "end of data")]
+    assert not await conn.reset() and not conn.usable
+    await conn.close()
+
+
 async def test_connection_reset_after_rcpt(fake: Fake) -> None:
     _server, port = await fake(ehlo=(), replies={"RCPT": [None, RESET]})
     conn = await connect(port)
