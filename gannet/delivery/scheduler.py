@@ -567,7 +567,7 @@ async def _open(hop: NextHop, options: OutboundOptions) -> OutboundConnection:
 def _reason(result: RecipientResult) -> str:
     reply = result.reply
     text = " ".join(t for t in (str(reply.code), reply.enhanced, " ".join(reply.text).strip()) if t)
-    if reply.code < 400:
+    if reply.code < 400 or not result.stage:  # no stage: decided here, before sending
         return text
     return f"{text} (in reply to {result.stage} command)"
 

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gannet.config import TlsPolicy
-from gannet.delivery import outbound
+from gannet.delivery import outbound_session
 from gannet.delivery.outbound import (
     LOCAL_STAGE,
     Envelope,
@@ -677,7 +677,7 @@ async def test_auth_without_a_usable_mechanism(fake: Fake) -> None:
 
 async def test_auth_needs_tls_off_loopback(fake: Fake, monkeypatch: pytest.MonkeyPatch,
                                            server_tls: tuple[ssl.SSLContext, Path]) -> None:
-    monkeypatch.setattr(outbound, "_is_loopback", lambda address: False)
+    monkeypatch.setattr(outbound_session, "_is_loopback", lambda address: False)
     server, port = await fake(ehlo=("AUTH PLAIN",))
     exc = await failure(port, auth=("alice", "secret"))
     assert exc.stage == "AUTH" and "without TLS" in exc.reason
