@@ -11,8 +11,11 @@ Postfix on 127.0.0.2, each on a free port.
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -109,3 +112,42 @@ def _cell(v: object) -> str:
 
 def _numeric(c: str) -> bool:
     return c.replace(",", "").replace(".", "").replace("x", "").replace("-", "").isdigit()
+
+
+class Profiler:
+    """py-spy recording a process until stopped; ``summary()`` reads its collapsed stacks."""
+
+    def __init__(self, pid: int, output: Path) -> None:
+        self.output = output
+        program = peers.find_program("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        argv = [program, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--function",
+                "--nonblocking", "--output", str(output)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def summary(self, top: int = 15) -> str:
+        own: Counter[str] = Counter()
+        inclusive: Counter[str] = Counter()
+        total = 0
+        for line in self.output.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            n = int(count)
+            frames = stack.split(";")
+            total += n
+            own[frames[-1]] += n
+            for frame in {f for f in frames if "gannet/" in f}:
+                inclusive[frame] += n
+        if not total:
+            return "no samples"
+
+        def rows(c: Counter[str]) -> list[list[object]]:
+            return [[f"{100 * n / total:.1f}%", frame[:120]] for frame, n in c.most_common(top)]
+        return (f"{total} samples\n\nself (top of stack):\n{table(['share', 'function'], rows(own))}"
+                f"\n\ninclusive, Gannet functions:\n{table(['share', 'function'], rows(inclusive))}")

@@ -39,11 +39,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,45 +76,6 @@ def count_new(maildir: os.PathLike[str]) -> int:
         return 0
 
 
-class Profiler:
-    """py-spy recording a process until stopped; ``summary()`` reads its collapsed stacks."""
-
-    def __init__(self, pid: int, output: Path) -> None:
-        self.output = output
-        program = peers.find_program("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        argv = [program, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--function",
-                "--nonblocking", "--output", str(output)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def summary(self, top: int = 15) -> str:
-        own: Counter[str] = Counter()
-        inclusive: Counter[str] = Counter()
-        total = 0
-        for line in self.output.read_text().splitlines():
-            stack, _, count = line.rpartition(" ")
-            n = int(count)
-            frames = stack.split(";")
-            total += n
-            own[frames[-1]] += n
-            for frame in {f for f in frames if "gannet/" in f}:
-                inclusive[frame] += n
-        if not total:
-            return "no samples"
-
-        def rows(c: Counter[str]) -> list[list[object]]:
-            return [[f"{100 * n / total:.1f}%", frame[:120]] for frame, n in c.most_common(top)]
-        return (f"{total} samples\n\nself (top of stack):\n{_common.table(['share', 'function'], rows(own))}"
-                f"\n\ninclusive, Gannet functions:\n{_common.table(['share', 'function'], rows(inclusive))}")
-
-
 def run_once(server: str, sessions: int, style: str, messages: int, size: int, keep: bool,
              profile: Path | None = None) -> Run:
     run = Run(server, sessions, style, messages)
@@ -135,7 +93,7 @@ def run_once(server: str, sessions: int, style: str, messages: int, size: int, k
         profiler = None
         if profile and server == "gannet":
             profile.mkdir(parents=True, exist_ok=True)
-            profiler = Profiler(g.pid, profile / f"gannet-{sessions}-{style}.txt")
+            profiler = _common.Profiler(g.pid, profile / f"gannet-{sessions}-{style}.txt")
         try:
             cpu0 = cpu()
             result = peers.smtp_source(target, messages=messages, sessions=sessions,

@@ -72,6 +72,8 @@ class Server:
         try:
             return await self._run_with_store(store)
         finally:
+            if isinstance(store, SqliteStore):
+                log.info("server queue writer: %s", store.stats.summary())
             await store.close()
 
     async def _run_with_store(self, store: QueueStore) -> int:

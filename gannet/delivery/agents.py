@@ -33,6 +33,7 @@ LMTP_OWNER = "lmtp"
 SMTP_OWNER = "smtp"
 SWEEP_OWNER = "sweep"
 OWNERS = (LOCAL_OWNER, LMTP_OWNER, SMTP_OWNER, SWEEP_OWNER)
+GATHER = 0.01  # after a wake-up, collect this long before claiming (see LocalDelivery)
 LMTP_PORT = 24  # RFC 2033 §5 suggests no port; 24 is the IANA "any private mail system" one
 
 
@@ -135,6 +136,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
         clock=clock,
         bounces=bounces,
         on_enqueued=wake,
+        gather=GATHER,
     )
     local: LocalDelivery | Scheduler
     if config.mailboxes.lmtp:
@@ -149,6 +151,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
             bounces=bounces,
             lmtp=True,
             on_enqueued=wake,
+            gather=GATHER,
         )
     else:
         local = LocalDelivery(
@@ -157,7 +160,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
             delivery=config.delivery,
             clock=clock,
             owner=LOCAL_OWNER,
-            gather=0.01,
+            gather=GATHER,
             batch_sync=config.delivery.maildir_sync == "batch",
             bounces=bounces,
             on_enqueued=wake,

@@ -104,11 +104,13 @@ class Scheduler:
         max_inflight: int = 20_000,
         lease_seconds: float = 3600.0,
         on_enqueued: Callable[[], None] = lambda: None,
+        gather: float = 0.0,
     ) -> None:
         """`options(route, domain)`: the OutboundOptions for a destination.
         `lmtp`: the next hop is the final mailbox server (RCPT TO the mailbox;
         success reports say "delivered").
-        `on_enqueued`: called when DSNs were enqueued (wakes the delivery loops)."""
+        `on_enqueued`: called when DSNs were enqueued (wakes the delivery loops).
+        `gather`: after a wake-up, wait this long before claiming (batches)."""
         self._store = store
         self._transport = transport
         self._owner = owner
@@ -124,6 +126,7 @@ class Scheduler:
         # A job still waiting this close to its lease's end is handed back.
         self._stale_margin = min(lease_seconds / 2, delivery.command_timeout + delivery.data_timeout)
         self._on_enqueued = on_enqueued
+        self._gather = gather
         self._recorder = OutcomeRecorder(store, clock, self._committed)
         self._destinations: dict[str, Destination] = {}
         self._starved: dict[str, None] = {}  # destinations waiting for a global connection slot
@@ -207,6 +210,10 @@ class Scheduler:
                 self._spawn(self._dispatch(claims))
             elif not self._stopping:
                 await self._sleep_or_wake(idle_delay(self._clock.now(), await self._next_due()))
+                if self._gather > 0 and self._wake.is_set() and not self._stopping:
+                    # Woken by new mail: let more arrive, so that one claim (and one
+                    # record) serves several messages instead of one each.
+                    await self._clock.sleep(self._gather)
 
     async def _next_due(self) -> float | None:
         try:

@@ -92,6 +92,7 @@ async def run_worker(config: Config, wake_fd: int) -> int:
         await asyncio.gather(*tasks, return_exceptions=True)
         return 0
     finally:
+        log.info("delivery worker queue writer: %s", store.stats.summary())
         await store.close()
         os.close(lock)  # releases the flock
 

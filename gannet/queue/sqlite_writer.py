@@ -72,6 +72,14 @@ class WriterStats:
     lock_waits: int = 0  # transactions that waited for another process's writer
     cpu_seconds: float = 0.0  # writer-thread CPU time spent in batches
 
+    def summary(self) -> str:
+        """One line for the log at shutdown."""
+        return (
+            f"{self.commits} commits ({self.unsynced_commits} without fsync) for {self.jobs} requests, "
+            f"{self.lock_waits} waits for the other process, {self.failed_commits} failed, "
+            f"{self.cpu_seconds:.1f}s CPU"
+        )
+
 
 @dataclass(slots=True, eq=False)
 class Job:
