@@ -392,6 +392,10 @@ class Scheduler:
             self._release(job)
             return None
         jobs = [job]
+        if d.is_dead(now):
+            # Another connection already found it dead: one finding, one backoff step.
+            await self._defer_jobs(jobs, d, now)
+            return None
         if d.connected == 0:  # nobody is getting through: the destination is dead
             backoff = attempts.destination_backoff(d.failures + 1, self._delivery.retry)
             jobs += d.mark_dead(now, backoff, reason)
