@@ -384,7 +384,7 @@ def quarantine(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, str
 
 _RELEASE_OWNER = (
     "UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "
-    f"{_CLEAR_LEASE} WHERE state = 'delivering' AND lease_owner = ?"
+    f"{_CLEAR_LEASE} WHERE lease_owner IS NOT NULL AND lease_owner = ? AND state = 'delivering'"
 )
 
 
@@ -395,7 +395,7 @@ def release_leases(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, owner: str) -> 
 
 _EXPIRED_LEASES = (
     "SELECT id, queue_id, address, lease_owner FROM recipients "
-    "WHERE state = 'delivering' AND lease_until <= ?"
+    "WHERE lease_owner IS NOT NULL AND lease_until <= ? AND state = 'delivering'"
 )
 _RELEASE_ONE = (
     "UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "

@@ -81,7 +81,7 @@ _RELEASE_LEASES = """
     UPDATE recipients SET
         state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
         lease_owner = NULL, lease_token = NULL, lease_until = NULL
-    WHERE state = 'delivering'
+    WHERE lease_owner IS NOT NULL AND state = 'delivering'
 """
 
 

@@ -118,8 +118,8 @@ _V1 = (
 )
 
 # Version 2 (relaying): `warned` (a delay DSN was sent for this recipient);
-# an index for per-destination backoff (defer_destination) and one on message
-# age for the expiry sweep (claim_expired).
+# indexes for per-destination backoff (defer_destination), for the expiry
+# sweep (claim_expired, by message age) and for leases.
 _V2 = (
     "ALTER TABLE recipients ADD COLUMN warned INTEGER NOT NULL DEFAULT 0",
     """
@@ -127,6 +127,9 @@ _V2 = (
         WHERE due_at IS NOT NULL
     """,
     "CREATE INDEX messages_by_age ON messages (received_at)",
+    # Only leased rows (a few hundred), so that releasing a worker's leases and
+    # the sweep's search for expired ones never scan a deep deferred queue.
+    "CREATE INDEX recipients_leased ON recipients (lease_until) WHERE lease_owner IS NOT NULL",
 )
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
