@@ -43,16 +43,10 @@ from gannet.delivery.bounces import Bounces
 from gannet.delivery.destination import Destination, Job, SharedBody
 from gannet.delivery.dns import DnsError
 from gannet.delivery.local_decisions import idle_delay
-from gannet.delivery.outbound import (
-    Envelope,
-    OutboundConnection,
-    OutboundOptions,
-    OutboundRecipient,
-    RecipientResult,
-    SessionFailure,
-)
+from gannet.delivery.outbound import OutboundConnection, OutboundOptions, SessionFailure
 from gannet.delivery.recorder import OutcomeRecorder
-from gannet.delivery.routing import NextHop, Route
+from gannet.delivery.routing import Route
+from gannet.delivery.transaction import envelope_for, open_hop, reason, send_with_fallback
 from gannet.queue.model import (
     Claim,
     ClaimedRecipient,
@@ -63,7 +57,6 @@ from gannet.queue.model import (
     Transport,
 )
 from gannet.queue.store import QueueStore
-from gannet.smtp.events import Notify
 
 log = logging.getLogger("gannet.delivery.scheduler")
 
@@ -331,7 +324,7 @@ class Scheduler:
             while job is not None:
                 if used:
                     self.stats.reused += 1
-                await self._send(conn, job)
+                await self._send(d, conn, job)
                 used = True
                 if self._stopping or not conn.usable or not d.jobs:
                     break
@@ -366,7 +359,7 @@ class Scheduler:
         failure: SessionFailure | None = None
         for hop in d.route.hops:
             try:
-                conn = await _open(hop, options)
+                conn = await open_hop(hop, options)
             except SessionFailure as exc:
                 log.info("%s: %s", d.name, exc.reason)
                 failure = exc
@@ -440,7 +433,7 @@ class Scheduler:
 
     # -- one transaction ----------------------------------------------------------------
 
-    async def _send(self, conn: OutboundConnection, job: Job) -> None:
+    async def _send(self, d: Destination, conn: OutboundConnection, job: Job) -> None:
         claim = job.claim
         now = self._clock.now()
         if now > claim.lease_until - self._stale_margin:
@@ -464,57 +457,33 @@ class Scheduler:
             await self._finish(claim, verdicts, relay=conn.label)
             self._release(job)
             return
-        envelope = Envelope(
-            sender=claim.sender,
-            recipients=tuple(
-                OutboundRecipient(
-                    (r.mailbox or r.address) if self._lmtp else r.address,
-                    None if r.notify is None else Notify(r.notify),
-                    r.orcpt,
-                )
+        envelope = envelope_for(claim, job.recipients, lmtp=self._lmtp)
+        options = self._options(d.route, job.recipients[0].domain)
+        sent = await send_with_fallback(conn, d.route.hops, options, envelope, body)
+        now = self._clock.now()
+        if sent.failure is not None:
+            judge = attempts.temporary if sent.failure.temporary else attempts.failed
+            verdicts = [
+                judge(claim, r, sent.failure.reason, now=now, delivery=self._delivery, remote_mta=sent.host)
                 for r in job.recipients
-            ),
-            size=claim.size,
-            body_8bit=claim.body_8bit,
-            smtputf8=claim.smtputf8,
-            ret=claim.ret,
-            envid=claim.envid,
-        )
-        try:
-            results = await conn.send_message(envelope, body)
-        except SessionFailure as exc:
-            now = self._clock.now()
-            if exc.temporary:
-                verdicts = [
-                    attempts.temporary(
-                        claim, r, exc.reason, now=now, delivery=self._delivery, remote_mta=conn.host
-                    )
-                    for r in job.recipients
-                ]
-            else:
-                verdicts = [
-                    attempts.failed(
-                        claim, r, exc.reason, now=now, delivery=self._delivery, remote_mta=conn.host
-                    )
-                    for r in job.recipients
-                ]
+            ]
         else:
-            now = self._clock.now()
+            assert sent.results is not None
             verdicts = [
                 attempts.by_reply(
                     claim,
                     r,
                     result.reply.code,
-                    _reason(result),
+                    reason(result),
                     now=now,
                     delivery=self._delivery,
-                    remote_mta=conn.host,
-                    next_hop_has_dsn=conn.capabilities.dsn,
+                    remote_mta=sent.host,
+                    next_hop_has_dsn=sent.next_hop_has_dsn,
                     final=self._lmtp,
                 )
-                for r, result in zip(job.recipients, results, strict=True)
+                for r, result in zip(job.recipients, sent.results, strict=True)
             ]
-        await self._finish(claim, verdicts, relay=conn.label, tls=conn.tls, content=body)
+        await self._finish(claim, verdicts, relay=sent.label, tls=sent.tls, content=body)
         self._release(job)
 
     async def _body(self, job: Job) -> bytes | Path:
@@ -565,22 +534,6 @@ class Scheduler:
         self._recorder.add(outcomes, dsns)
         self._inflight -= len(verdicts)
         self._room.set()
-
-
-async def _open(hop: NextHop, options: OutboundOptions) -> OutboundConnection:
-    if hop.address.startswith("unix:"):
-        return await OutboundConnection.open_unix(hop.address[5:], options)
-    return await OutboundConnection.open(
-        hop_host=hop.host, address=hop.address, port=hop.port, options=options
-    )
-
-
-def _reason(result: RecipientResult) -> str:
-    reply = result.reply
-    text = " ".join(t for t in (str(reply.code), reply.enhanced, " ".join(reply.text).strip()) if t)
-    if reply.code < 400 or not result.stage:  # no stage: decided here, before sending
-        return text
-    return f"{text} (in reply to {result.stage} command)"
 
 
 def log_verdict(queue_id: str, v: Verdict, *, relay: str, tls: str, delay: float, now: float) -> None:

@@ -28,7 +28,7 @@ import pytest
 pytestmark = pytest.mark.interop
 
 SENDER = "alice@example.test"
-ADDRESSES = (peers.SINK_HOST, peers.POSTFIX_HOST, "127.0.0.5", "127.0.0.6")
+ADDRESSES = (peers.SINK_HOST, peers.POSTFIX_HOST, "127.0.0.5", "127.0.0.6")  # MX hosts of the test domains
 
 
 def common_port() -> int:
@@ -51,6 +51,10 @@ def records(**extra: dict[str, list[Any]]) -> dict[str, dict[str, list[Any]]]:
         "mx.dead.test": {"A": ["127.0.0.5"]},
         "example.test": {"MX": [(10, "mx.example.test")]},
         "loop.test": {"MX": [(10, "mx.example.test")]},  # Gannet's own hostname
+        "two.test": {"MX": [(10, "mx1.two.test"), (20, "mx2.two.test")]},
+        "mx1.two.test": {"A": [peers.SINK_HOST]},
+        "mx2.two.test": {"A": ["127.0.0.6"]},
+        "backup.test": {"MX": [(10, "mx.dead.test"), (20, "mx2.two.test")]},
         "mx.example.test": {"A": [peers.GANNET_HOST]},
     }
     base.update(extra)
@@ -176,6 +180,25 @@ def test_a_destination_that_is_down_gets_the_mail_on_a_retry(
     sink.wait_count(1, timeout=30)
     relay.wait_queue_empty()
     assert relay.log_lines("status=sent")
+
+
+@pytest.mark.parametrize("primary", ["temporary refusal", "connection refused"])
+def test_the_next_mx_is_tried_before_deferring(primary: str, gannet: Callable[..., peers.GannetProcess],
+                                               dns: peers.DnsServer,
+                                               smtp_sink: Callable[..., peers.SmtpSink]) -> None:
+    port = common_port()
+    if primary == "temporary refusal":  # mx1 answers 4xx to every RCPT; mx2 takes the mail
+        smtp_sink(listen=f"{peers.SINK_HOST}:{port}", extra_args=["-r", "rcpt"])
+        domain = "two.test"
+    else:  # the first MX (mx.dead.test) refuses the connection
+        domain = "backup.test"
+    backup = smtp_sink(listen=f"127.0.0.6:{port}")
+    relay = Relay(gannet, dns, port)
+    relay.send(f"bob@{domain}")
+    backup.wait_count(1, timeout=30)
+    relay.wait_queue_empty()
+    (line,) = [ln for ln in relay.log_lines(f"to=<bob@{domain}>") if "status=" in ln]
+    assert "status=sent" in line and f"relay=mx2.two.test[127.0.0.6]:{port}" in line, line
 
 
 # -- refusals at each stage ---------------------------------------------------------------
