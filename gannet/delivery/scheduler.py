@@ -351,10 +351,15 @@ class Scheduler:
     async def _connection(self, d: Destination, job: Job) -> OutboundConnection | None:
         """An idle connection or a new one; None when every hop failed (the job
         and, if the destination is now dead, its waiting jobs are deferred)."""
-        cached = d.take_idle(self._clock.monotonic(), self._delivery.connection_cache_time)
-        if cached is not None:
-            self.stats.reused += 1
-            return cached
+        while (
+            cached := d.take_idle(self._clock.monotonic(), self._delivery.connection_cache_time)
+        ) is not None:
+            # The peer may have hung up while it idled: reset() notices (EOF, a stray
+            # reply) and says so, and then a new connection is opened instead.
+            if await cached.reset():
+                self.stats.reused += 1
+                return cached
+            await cached.close()
         options = self._options(d.route, job.recipients[0].domain)
         failure: SessionFailure | None = None
         for hop in d.route.hops:
