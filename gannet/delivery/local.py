@@ -52,6 +52,7 @@ from gannet.clock import Clock
 from gannet.config import DeliveryConfig
 from gannet.delivery.attempts import Verdict, verdict
 from gannet.delivery.bounces import Bounces
+from gannet.delivery.claim_loop import ClaimLoop
 from gannet.delivery.dsn import RecipientReport
 from gannet.delivery.local_decisions import (
     BadMailbox,
@@ -61,7 +62,6 @@ from gannet.delivery.local_decisions import (
     apply_sync_errors,
     decide_outcome,
     dirs_to_sync,
-    idle_delay,
 )
 from gannet.delivery.maildir import (
     STREAM_CHUNK,
@@ -89,7 +89,6 @@ from gannet.util.files import fsync_dir
 log = logging.getLogger("gannet.delivery.local")
 
 RELAY = "maildir"  # the relay= field of the mail log
-ERROR_PAUSE = 5.0  # after the store failed to claim
 RECORD_BACKOFF = (0.5, 1.0, 2.0, 4.0)  # retries of a failed record, then give up
 BODY_BUDGET = 64 * 1024 * 1024  # bytes of bodies held in memory at once (at least one)
 LF_IN_THREAD = 1024 * 1024  # convert bodies larger than this off the event loop
@@ -171,7 +170,7 @@ class _ByteBudget:
                 self._changed.notify_all()
 
 
-class LocalDelivery:
+class LocalDelivery(ClaimLoop):
     """Delivers due LOCAL recipients into Maildirs until `stop()`. Run once."""
 
     def __init__(
@@ -198,44 +197,25 @@ class LocalDelivery:
         `batch_sync`: commit each batch's files with syncfs (maildir.commit_batch)
         instead of an fsync per file and per new/ directory.
         `on_enqueued`: called after a record that enqueued DSNs."""
-        self._store = store
+        super().__init__(
+            store, clock, transport=Transport.LOCAL, owner=owner, lease_seconds=lease_seconds, gather=gather
+        )
         self._template = maildir_template
         self._delivery = delivery
-        self._clock = clock
-        self._owner = owner
         self._executor = executor
-        self._lease_seconds = lease_seconds
         self._batch = max(1, batch)
         self._max_batches = max(1, max_batches)
         self._bounces = bounces
         self._on_enqueued = on_enqueued
-        self._gather = gather
         self._batch_sync = batch_sync and SYNCFS_AVAILABLE
         self._writes = asyncio.Semaphore(delivery.local_concurrency)
         self._bodies = _ByteBudget(BODY_BUDGET)
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._started = False
-        self._finished = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()
         self.stats = DeliveryStats()
 
-    def wake(self) -> None:
-        """Work is due now (an enqueue just committed): end any idle sleep."""
-        self._wake.set()
-
-    async def stop(self) -> None:
-        """Stop claiming; finish and record the writes in flight; return."""
-        self._stopping = True
-        self._wake.set()
-        if self._started:
-            await self._finished.wait()
-
     async def run(self) -> None:
         """Deliver until `stop()`. Store errors are logged and waited out, never raised."""
-        if self._started:
-            raise RuntimeError("LocalDelivery.run() may be called only once")
-        self._started = True
+        self._begin()
         own_executor = self._executor is None
         executor = self._executor or ThreadPoolExecutor(
             self._delivery.local_concurrency, thread_name_prefix="gannet-maildir"
@@ -252,50 +232,18 @@ class LocalDelivery:
         finally:
             if own_executor:
                 executor.shutdown(wait=False)
-            self._finished.set()
+            self._end()
 
     async def _loop(self, executor: Executor) -> None:
         while not self._stopping:
             await self._wait_for_batch_slot()
-            # Clear before claiming: a wake() from here on means work that
-            # this claim may have missed, so the idle wait must not sleep.
-            self._wake.clear()
-            try:
-                claims = await self._store.claim_due(
-                    self._clock.now(),
-                    limit=self._batch,
-                    lease_seconds=self._lease_seconds,
-                    owner=self._owner,
-                    transport=Transport.LOCAL,
-                )
-            except Exception:
-                log.exception("local delivery: claiming due recipients failed")
-                await self._sleep_or_wake(ERROR_PAUSE)
+            claims = await self._claim(self._batch)
+            if claims is None:
                 continue
             if claims:
                 self._start_batch(claims, executor)
-            elif not self._stopping:
-                await self._sleep_or_wake(idle_delay(self._clock.now(), await self._next_due()))
-                if self._gather > 0 and self._wake.is_set() and not self._stopping:
-                    await self._clock.sleep(self._gather)
-
-    async def _next_due(self) -> float | None:
-        try:
-            return await self._store.next_due(Transport.LOCAL)
-        except Exception:
-            log.exception("local delivery: reading the next due time failed")
-            return None
-
-    async def _sleep_or_wake(self, delay: float) -> None:
-        if delay <= 0 or self._wake.is_set():
-            return
-        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+            else:
+                await self._idle()
 
     async def _wait_for_batch_slot(self) -> None:
         while len(self._batches) >= self._max_batches:

@@ -40,9 +40,9 @@ from gannet.config import DeliveryConfig
 from gannet.delivery import attempts
 from gannet.delivery.attempts import Verdict
 from gannet.delivery.bounces import Bounces
+from gannet.delivery.claim_loop import ClaimLoop
 from gannet.delivery.destination import Destination, Job, SharedBody
 from gannet.delivery.dns import DnsError
-from gannet.delivery.local_decisions import idle_delay
 from gannet.delivery.outbound import OutboundConnection, OutboundOptions, SessionFailure
 from gannet.delivery.recorder import OutcomeRecorder
 from gannet.delivery.routing import Route
@@ -61,7 +61,6 @@ from gannet.queue.store import QueueStore
 log = logging.getLogger("gannet.delivery.scheduler")
 
 STREAM_ABOVE = 1024 * 1024  # bodies larger than this are streamed from their spool file
-ERROR_PAUSE = 5.0
 
 
 class RouteSource(Protocol):
@@ -78,7 +77,7 @@ class SchedulerStats:
     suspended: int = 0  # times a destination was found dead
 
 
-class Scheduler:
+class Scheduler(ClaimLoop):
     """Delivers one transport's due recipients until `stop()`. Run once."""
 
     def __init__(
@@ -104,22 +103,19 @@ class Scheduler:
         success reports say "delivered").
         `on_enqueued`: called when DSNs were enqueued (wakes the delivery loops).
         `gather`: after a wake-up, wait this long before claiming (batches)."""
-        self._store = store
-        self._transport = transport
-        self._owner = owner
+        super().__init__(
+            store, clock, transport=transport, owner=owner, lease_seconds=lease_seconds, gather=gather
+        )
         self._router = router
         self._options = options
         self._delivery = delivery
-        self._clock = clock
         self._bounces = bounces
         self._lmtp = lmtp
         self._batch = batch
         self._max_inflight = max_inflight
-        self._lease_seconds = lease_seconds
         # A job still waiting this close to its lease's end is handed back.
         self._stale_margin = min(lease_seconds / 2, delivery.command_timeout + delivery.data_timeout)
         self._on_enqueued = on_enqueued
-        self._gather = gather
         self._recorder = OutcomeRecorder(store, clock, self._committed)
         self._destinations: dict[str, Destination] = {}
         self._starved: dict[str, None] = {}  # destinations waiting for a global connection slot
@@ -127,29 +123,15 @@ class Scheduler:
         self._workers = 0
         self._inflight = 0
         self._room = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._started = False
-        self._finished = asyncio.Event()
         self.stats = SchedulerStats()
 
     # -- control ----------------------------------------------------------------
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def stop(self) -> None:
-        """Stop claiming; let each connection finish its message; record; return."""
-        self._stopping = True
-        self._wake.set()
+    def _stopped(self) -> None:
         self._room.set()
-        if self._started:
-            await self._finished.wait()
 
     async def run(self) -> None:
-        if self._started:
-            raise RuntimeError("Scheduler.run() may be called only once")
-        self._started = True
+        self._begin()
         try:
             await self._claim_loop()
             while self._tasks:
@@ -166,7 +148,7 @@ class Scheduler:
             for d in self._destinations.values():
                 for conn in d.close_idle():
                     await conn.close()
-            self._finished.set()
+            self._end()
 
     def _committed(self, outcomes: Sequence[RecipientOutcome], follow_ups: Sequence[NewMessage]) -> None:
         if follow_ups:
@@ -185,46 +167,14 @@ class Scheduler:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            self._wake.clear()
-            try:
-                claims = await self._store.claim_due(
-                    self._clock.now(),
-                    limit=min(self._batch, room),
-                    lease_seconds=self._lease_seconds,
-                    owner=self._owner,
-                    transport=self._transport,
-                )
-            except Exception:
-                log.exception("%s delivery: claiming due recipients failed", self._owner)
-                await self._sleep_or_wake(ERROR_PAUSE)
+            claims = await self._claim(min(self._batch, room))
+            if claims is None:
                 continue
             if claims:
                 self._inflight += sum(len(c.recipients) for c in claims)
                 self._spawn(self._dispatch(claims))
-            elif not self._stopping:
-                await self._sleep_or_wake(idle_delay(self._clock.now(), await self._next_due()))
-                if self._gather > 0 and self._wake.is_set() and not self._stopping:
-                    # Woken by new mail: let more arrive, so that one claim (and one
-                    # record) serves several messages instead of one each.
-                    await self._clock.sleep(self._gather)
-
-    async def _next_due(self) -> float | None:
-        try:
-            return await self._store.next_due(self._transport)
-        except Exception:
-            log.exception("%s delivery: reading the next due time failed", self._owner)
-            return None
-
-    async def _sleep_or_wake(self, delay: float) -> None:
-        if delay <= 0 or self._wake.is_set():
-            return
-        waker = asyncio.ensure_future(self._wake.wait())
-        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
-        try:
-            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+            else:
+                await self._idle()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

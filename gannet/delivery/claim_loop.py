@@ -1,0 +1,116 @@
+"""ClaimLoop: what every delivery agent's loop shares (LocalDelivery, Scheduler).
+
+- `wake()`: work may be due now (an enqueue committed, a DSN was queued);
+- `stop()`: stop claiming, let the agent finish what it holds, return;
+- `_claim(limit)`: lease due recipients of the agent's transport; a store
+  error is logged and waited out (ERROR_PAUSE), never raised (None);
+- `_idle()`: nothing was due: sleep until the next due recipient (or
+  IDLE_CAP), cut short by `wake()`; then, if woken, gather `gather` seconds
+  so that mail arriving message by message is claimed in batches.
+
+The wake event is cleared *before* each claim: a wake() after that means work
+the claim may have missed, so the idle wait that follows must not sleep.
+Subclasses call `_begin()` once at the start of `run()` and `_end()` when it
+is over; all methods run on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gannet.clock import Clock
+from gannet.delivery.local_decisions import idle_delay
+from gannet.queue.model import Claim, Transport
+from gannet.queue.store import QueueStore
+
+log = logging.getLogger("gannet.delivery")
+
+ERROR_PAUSE = 5.0  # after the store failed to claim
+
+
+class ClaimLoop:
+    def __init__(
+        self,
+        store: QueueStore,
+        clock: Clock,
+        *,
+        transport: Transport,
+        owner: str,
+        lease_seconds: float,
+        gather: float,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._transport = transport
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+        self._gather = gather
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._started = False
+        self._finished = asyncio.Event()
+
+    def wake(self) -> None:
+        """Work is due now: end any idle sleep."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming; let the agent finish and record what it holds; return."""
+        self._stopping = True
+        self._wake.set()
+        self._stopped()
+        if self._started:
+            await self._finished.wait()
+
+    def _stopped(self) -> None:
+        """Hook: stop() was called (wake whatever else the agent waits on)."""
+
+    def _begin(self) -> None:
+        if self._started:
+            raise RuntimeError(f"{type(self).__name__}.run() may be called only once")
+        self._started = True
+
+    def _end(self) -> None:
+        self._finished.set()
+
+    async def _claim(self, limit: int) -> list[Claim] | None:
+        """Due claims ([] when none), or None after a store error (already waited out)."""
+        self._wake.clear()
+        try:
+            return await self._store.claim_due(
+                self._clock.now(),
+                limit=limit,
+                lease_seconds=self._lease_seconds,
+                owner=self._owner,
+                transport=self._transport,
+            )
+        except Exception:
+            log.exception("%s delivery: claiming due recipients failed", self._owner)
+            await self._sleep_or_wake(ERROR_PAUSE)
+            return None
+
+    async def _idle(self) -> None:
+        if self._stopping:
+            return
+        await self._sleep_or_wake(idle_delay(self._clock.now(), await self._next_due()))
+        if self._gather > 0 and self._wake.is_set() and not self._stopping:
+            await self._clock.sleep(self._gather)
+
+    async def _next_due(self) -> float | None:
+        try:
+            return await self._store.next_due(self._transport)
+        except Exception:
+            log.exception("%s delivery: reading the next due time failed", self._owner)
+            return None
+
+    async def _sleep_or_wake(self, delay: float) -> None:
+        if delay <= 0 or self._wake.is_set():
+            return
+        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
