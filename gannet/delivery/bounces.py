@@ -90,6 +90,8 @@ class Bounces:
         if not destinations:
             log.error("%s: nobody to send the report to (<%s> does not exist)", claim.queue_id, to)
             return []
+        if content is None:
+            content = await self._content(claim, reports)
         original = OriginalMessage(
             queue_id=claim.queue_id,
             sender=claim.sender,
@@ -97,7 +99,8 @@ class Bounces:
             envid=claim.envid,
             ret=claim.ret,
             smtputf8=claim.smtputf8,
-            content=content if content is not None else await self._content(claim, reports),
+            content=content,
+            size=claim.size if len(content) < claim.size else None,  # headers only: say how large it was
         )
         queue_id = new_queue_id()
         report = build_report(

@@ -127,7 +127,14 @@ class OriginalMessage:
     envid: str | None
     ret: str | None  # "FULL" | "HDRS" | None
     smtputf8: bool
-    content: bytes  # the whole stored message, CRLF line endings
+    content: bytes  # the whole stored message, CRLF line endings (or only its header section: see size)
+    # The whole message's size when `content` is only its header section (a
+    # large original whose body was not read back); None: len(content).
+    size: int | None = None
+
+    @property
+    def full_size(self) -> int:
+        return len(self.content) if self.size is None else self.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +169,7 @@ def build_report(
     returned = returned_content(
         original.ret,
         worst,
-        size=len(original.content),
+        size=original.full_size,
         header_size=len(headers),
         max_returned=max_returned,
     )
@@ -268,7 +275,7 @@ def _text_part(
         about += f" and envelope ID {_clean(original.envid, utf8=False)}"
     prose = [f"This is the mail system at {mta}.", *_intro(reports), about + "."]
     paragraphs = [_wrap(p) for p in prose] + [_recipient_text(r) for r in reports]
-    paragraphs.append(_wrap(_returned_text(returned, worst, len(original.content), max_returned)))
+    paragraphs.append(_wrap(_returned_text(returned, worst, original.full_size, max_returned)))
     paragraphs.append(_wrap(f"If you need help, write to the postmaster of {mta} and quote the queue ID."))
     text = "\n\n".join(paragraphs) + "\n"
     data = text.encode("utf-8")
