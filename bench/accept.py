@@ -91,10 +91,10 @@ def run_once(server: str, sessions: int, style: str, messages: int, size: int, k
             pf = _common.start_postfix(work, process_limit=max(100, 2 * sessions + 20))
             target, maildir, cpu, stop = pf.target, pf.maildir(_common.BENCH_USER), pf.cpu_seconds, pf.close
         profiler = None
-        if profile and server == "gannet":
-            profile.mkdir(parents=True, exist_ok=True)
-            profiler = _common.Profiler(g.pid, profile / f"gannet-{sessions}-{style}.txt")
         try:
+            if profile and server == "gannet":
+                profile.mkdir(parents=True, exist_ok=True)
+                profiler = _common.Profiler(g.pid, profile / f"gannet-{sessions}-{style}.txt")
             cpu0 = cpu()
             result = peers.smtp_source(target, messages=messages, sessions=sessions,
                                        keep_connection=(style == "many"), size=size,

@@ -69,11 +69,11 @@ def run_once(server: str, sessions: int, messages: int, size: int, keep: bool, p
                                        process_limit=max(100, 2 * sessions + 40))
             target, cpu, stop = pf.target, pf.cpu_seconds, pf.close
         profilers = []
-        if profile and server == "gannet":
-            profile.mkdir(parents=True, exist_ok=True)
-            for pid in [g.pid, *peers.child_pids(g.pid)]:
-                profilers.append(_common.Profiler(pid, profile / f"relay-{sessions}-{pid}.txt"))
         try:
+            if profile and server == "gannet":
+                profile.mkdir(parents=True, exist_ok=True)
+                for pid in [g.pid, *peers.child_pids(g.pid)]:
+                    profilers.append(_common.Profiler(pid, profile / f"relay-{sessions}-{pid}.txt"))
             cpu0 = cpu()
             start = time.monotonic()
             result = peers.smtp_source(target, messages=messages, sessions=sessions, size=size,

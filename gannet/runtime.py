@@ -19,6 +19,7 @@ import pickle
 import resource
 import signal
 import sys
+import time
 
 from gannet import config as config_mod
 from gannet.clock import SystemClock
@@ -153,7 +154,9 @@ class DeliveryWorker:
     """The local delivery worker process (gannet/delivery/worker.py): start it,
     wake it after each enqueue, restart it if it dies, stop it gracefully."""
 
-    RESTART_DELAY = 1.0
+    RESTART_DELAY = 1.0  # the first restart's wait; doubled while the worker keeps dying young
+    RESTART_DELAY_MAX = 60.0
+    HEALTHY_AFTER = 60.0  # a worker that ran this long resets the delay
 
     def __init__(self, config: Config, log_format: str = "text") -> None:
         self.config = config
@@ -199,18 +202,25 @@ class DeliveryWorker:
         log.info("delivery worker started (pid %d)", self.proc.pid)
 
     async def _supervise(self) -> None:
+        delay = self.RESTART_DELAY
         while not self._stopping:
             assert self.proc is not None
+            started = time.monotonic()
             code = await self.proc.wait()
             if self._stopping:
                 return
+            if time.monotonic() - started >= self.HEALTHY_AFTER:
+                delay = self.RESTART_DELAY
+            # A worker that dies at once (a data directory gone, a broken disk)
+            # must not become a restart loop that burns a core: back off.
             log.error(
                 "delivery worker (pid %d) exited with status %s; restarting in %.0fs",
                 self.proc.pid,
                 code,
-                self.RESTART_DELAY,
+                delay,
             )
-            await asyncio.sleep(self.RESTART_DELAY)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.RESTART_DELAY_MAX)
             if not self._stopping:
                 await self._spawn()
 
