@@ -192,8 +192,15 @@ class QueryBackend(Protocol):
     """What sends the queries: `dns.asyncresolver.Resolver`, or a test double that
     returns `dns.resolver.Answer`s built from canned responses (tests/unit/delivery)."""
 
-    async def resolve(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, *,
-                      raise_on_no_answer: bool, lifetime: float, search: bool) -> dns.resolver.Answer: ...
+    async def resolve(
+        self,
+        qname: dns.name.Name,
+        rdtype: dns.rdatatype.RdataType,
+        *,
+        raise_on_no_answer: bool,
+        lifetime: float,
+        search: bool,
+    ) -> dns.resolver.Answer: ...
 
 
 class Resolver:
@@ -247,7 +254,8 @@ class Resolver:
         DnsError 554 5.4.4.
         """
         results = await asyncio.gather(
-            self._lookup(host, dns.rdatatype.AAAA), self._lookup(host, dns.rdatatype.A),
+            self._lookup(host, dns.rdatatype.AAAA),
+            self._lookup(host, dns.rdatatype.A),
             return_exceptions=True,
         )
         found: list[str] = []
@@ -308,8 +316,9 @@ class Resolver:
         # shield: one caller being cancelled must not cancel the others' query
         return await asyncio.shield(task)
 
-    async def _fetch(self, key: tuple[str, int], qname: dns.name.Name,
-                     rdtype: dns.rdatatype.RdataType) -> _Answer:
+    async def _fetch(
+        self, key: tuple[str, int], qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
+    ) -> _Answer:
         start = self._clock.monotonic()
         self.stats.lookups += 1
         try:
@@ -331,14 +340,16 @@ class Resolver:
             # a guard above dnspython's own lifetime: whatever happens, we answer in time
             async with asyncio.timeout(self.timeout + 1.0):
                 result = await self._backend.resolve(
-                    qname, rdtype, raise_on_no_answer=False, lifetime=self.timeout, search=False)
+                    qname, rdtype, raise_on_no_answer=False, lifetime=self.timeout, search=False
+                )
         except dns.resolver.NXDOMAIN as exc:
             responses = cast(dict[dns.name.Name, dns.message.Message], exc.kwargs.get("responses") or {})
             ttl = min((negative_ttl(r) for r in responses.values()), default=NEGATIVE_TTL_WITHOUT_SOA)
             return _Answer("nxdomain"), min(ttl, MAX_NEGATIVE_TTL)
         except TimeoutError:
             raise temporary_error(
-                f"DNS lookup of {label} failed: no answer within {self.timeout:g}s") from None
+                f"DNS lookup of {label} failed: no answer within {self.timeout:g}s"
+            ) from None
         except (dns.exception.DNSException, OSError, EOFError) as exc:
             raise temporary_error(f"DNS lookup of {label} failed: {_why(exc, self.timeout)}") from None
         if result.rrset is None or not len(result.rrset):

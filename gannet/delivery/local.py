@@ -47,7 +47,6 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gannet import maillog
 from gannet.clock import Clock
 from gannet.config import DeliveryConfig
 from gannet.delivery.attempts import Verdict, verdict
@@ -73,13 +72,13 @@ from gannet.delivery.maildir import (
     stage_unsynced,
     to_lf,
 )
+from gannet.delivery.outcome_log import log_outcome
 from gannet.queue.model import (
     Claim,
     ClaimedRecipient,
     Deferred,
     Delivered,
     NewMessage,
-    Outcome,
     RecipientOutcome,
     Transport,
 )
@@ -93,31 +92,6 @@ RECORD_BACKOFF = (0.5, 1.0, 2.0, 4.0)  # retries of a failed record, then give u
 BODY_BUDGET = 64 * 1024 * 1024  # bytes of bodies held in memory at once (at least one)
 LF_IN_THREAD = 1024 * 1024  # convert bodies larger than this off the event loop
 STREAM_ABOVE = 1024 * 1024  # bodies larger than this are streamed from their spool file
-
-
-def _dsn_code(reason: str, default: str) -> str:
-    code = reason.split(" ", 1)[0]
-    return code if code[:1].isdigit() and code.count(".") == 2 else default
-
-
-def log_outcome(queue_id: str, address: str, outcome: Outcome, *, delay: float, now: float) -> None:
-    """One mail-log line per recipient attempt."""
-    if isinstance(outcome, Delivered):
-        maillog.delivered(queue_id, address, RELAY, delay, outcome.detail)
-    elif isinstance(outcome, Deferred):
-        maillog.deferred(
-            queue_id,
-            address,
-            RELAY,
-            delay,
-            outcome.reason,
-            dsn=_dsn_code(outcome.reason, "4.0.0"),
-            retry_in=outcome.retry_at - now,
-        )
-    else:
-        maillog.bounced(
-            queue_id, address, RELAY, delay, outcome.reason, dsn=_dsn_code(outcome.reason, "5.0.0")
-        )
 
 
 def _write_error(exc: OSError) -> str:
@@ -417,7 +391,9 @@ class LocalDelivery(ClaimLoop):
         outcome = decide_outcome(
             result, attempts=rcpt.attempts, received_at=claim.received_at, now=now, delivery=self._delivery
         )
-        log_outcome(claim.queue_id, rcpt.address, outcome, delay=now - claim.received_at, now=now)
+        log_outcome(
+            claim.queue_id, rcpt.address, outcome, relay=RELAY, delay=now - claim.received_at, now=now
+        )
         if isinstance(outcome, Delivered):
             self.stats.delivered += 1
         elif isinstance(outcome, Deferred):

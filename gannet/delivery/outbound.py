@@ -169,8 +169,9 @@ def _ret(value: str | None) -> Ret | None:
 class OutboundConnection(OutboundSession):
     """An open session that sends messages; see the module docstring and OutboundSession."""
 
-    def __init__(self, wire: Wire, options: OutboundOptions, hop_host: str, label: str,
-                 loopback: bool) -> None:
+    def __init__(
+        self, wire: Wire, options: OutboundOptions, hop_host: str, label: str, loopback: bool
+    ) -> None:
         super().__init__(wire, options, hop_host, label, loopback)
         self._rset_pending = False  # reset() deferred the RSET into the next write (PIPELINING)
 
@@ -181,14 +182,20 @@ class OutboundConnection(OutboundSession):
         if not envelope.recipients:
             return []
         if not self.usable or self._closed:
-            raise SessionFailure(f"4.4.2 the connection with {self.label} is no longer usable",
-                                 stage="MAIL FROM")
+            raise SessionFailure(
+                f"4.4.2 the connection with {self.label} is no longer usable", stage="MAIL FROM"
+            )
         caps = self.capabilities
-        utf8 = envelope.smtputf8 or not envelope.sender.isascii() or not all(
-            r.address.isascii() for r in envelope.recipients)
+        utf8 = (
+            envelope.smtputf8
+            or not envelope.sender.isascii()
+            or not all(r.address.isascii() for r in envelope.recipients)
+        )
         if utf8 and not caps.smtputf8:
-            return self._local(envelope, Reply(550, "5.6.7", "SMTPUTF8 is required, but was not offered "
-                                               f"by host {self.label}"))
+            return self._local(
+                envelope,
+                Reply(550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {self.label}"),
+            )
         try:
             payload = await self._payload(envelope, body, caps)
         except OSError as exc:
@@ -197,8 +204,14 @@ class OutboundConnection(OutboundSession):
             return self._local(envelope, reply)
         try:
             if caps.size and payload.size > caps.size:  # RFC 1870 §6: do not send what will be refused
-                return self._local(envelope, Reply(552, "5.3.4", f"message size {payload.size} exceeds size "
-                                                   f"limit {caps.size} of server {self.label}"))
+                return self._local(
+                    envelope,
+                    Reply(
+                        552,
+                        "5.3.4",
+                        f"message size {payload.size} exceeds size limit {caps.size} of server {self.label}",
+                    ),
+                )
             return await self._transaction(envelope, payload, utf8)
         except SessionFailure:
             self._abort()
@@ -228,8 +241,12 @@ class OutboundConnection(OutboundSession):
             try:
                 data, eight_bit = downgrade(data), False
             except CannotDowngrade as exc:
-                log.info("%s does not offer 8BITMIME and the message cannot be converted to 7 bit (%s): "
-                         "sending it as it is", self.label, exc.reason)
+                log.info(
+                    "%s does not offer 8BITMIME and the message cannot be converted to 7 bit (%s): "
+                    "sending it as it is",
+                    self.label,
+                    exc.reason,
+                )
             return _Payload(data, None, len(data), eight_bit)
         if isinstance(body, bytes):
             return _Payload(body, None, len(body), eight_bit)
@@ -239,9 +256,14 @@ class OutboundConnection(OutboundSession):
         core, caps, timeout = self._core, self.capabilities, self.options.command_timeout
         pipelining, chunking = caps.pipelining, caps.chunking and not self.options.lmtp
         self._body_sent = False
-        mail = MailFrom(envelope.sender, size=payload.size, smtputf8=utf8, ret=_ret(envelope.ret),
-                        envid=envelope.envid,
-                        body=BodyType.EIGHT_BIT_MIME if payload.eight_bit else None)  # RFC 6152 §2
+        mail = MailFrom(
+            envelope.sender,
+            size=payload.size,
+            smtputf8=utf8,
+            ret=_ret(envelope.ret),
+            envid=envelope.envid,
+            body=BodyType.EIGHT_BIT_MIME if payload.eight_bit else None,
+        )  # RFC 6152 §2
         rcpts = [RcptTo(r.address, notify=r.notify, orcpt=r.orcpt) for r in envelope.recipients]
         need_rset = self._rset_pending or core.state is not ClientState.GREETED
         self._rset_pending = False

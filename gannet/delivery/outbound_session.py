@@ -92,8 +92,15 @@ class OutboundOptions:
 class SessionFailure(Exception):
     """The session (not one recipient) failed; `reason` starts with an enhanced status code."""
 
-    def __init__(self, reason: str, *, stage: str, temporary: bool = True, reply: Reply | None = None,
-                 try_next_hop: bool = True) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        stage: str,
+        temporary: bool = True,
+        reply: Reply | None = None,
+        try_next_hop: bool = True,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.stage = stage
@@ -146,8 +153,9 @@ def strerror(exc: OSError) -> str:
 class OutboundSession:
     """One open SMTP/LMTP session to a next hop, before and between transactions."""
 
-    def __init__(self, wire: Wire, options: OutboundOptions, hop_host: str, label: str,
-                 loopback: bool) -> None:
+    def __init__(
+        self, wire: Wire, options: OutboundOptions, hop_host: str, label: str, loopback: bool
+    ) -> None:
         self._wire = wire
         self._core = ClientConnection(ClientOptions(options.helo_name, lmtp=options.lmtp))
         self._loop = asyncio.get_running_loop()
@@ -178,8 +186,13 @@ class OutboundSession:
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, hop_host: str, address: str, port: int, options: OutboundOptions,
-                   ) -> Self:
+    async def open(
+        cls,
+        hop_host: str,
+        address: str,
+        port: int,
+        options: OutboundOptions,
+    ) -> Self:
         """Connect to address:port (SNI and "verify" use hop_host) and get ready to send."""
         loop = asyncio.get_running_loop()
 
@@ -200,9 +213,14 @@ class OutboundSession:
         return await cls._open(connect, "localhost", f"unix:{path}", True, options)
 
     @classmethod
-    async def _open(cls, connect: Callable[[], Awaitable[tuple[asyncio.BaseTransport, Wire]]],
-                    hop_host: str, label: str, loopback: bool, options: OutboundOptions,
-                    ) -> Self:
+    async def _open(
+        cls,
+        connect: Callable[[], Awaitable[tuple[asyncio.BaseTransport, Wire]]],
+        hop_host: str,
+        label: str,
+        loopback: bool,
+        options: OutboundOptions,
+    ) -> Self:
         conn = await cls._connect(connect, hop_host, label, loopback, options)
         try:
             await conn._setup(options.tls)
@@ -214,9 +232,14 @@ class OutboundSession:
         return conn
 
     @classmethod
-    async def _connect(cls, connect: Callable[[], Awaitable[tuple[asyncio.BaseTransport, Wire]]],
-                       hop_host: str, label: str, loopback: bool, options: OutboundOptions,
-                       ) -> Self:
+    async def _connect(
+        cls,
+        connect: Callable[[], Awaitable[tuple[asyncio.BaseTransport, Wire]]],
+        hop_host: str,
+        label: str,
+        loopback: bool,
+        options: OutboundOptions,
+    ) -> Self:
         try:
             async with asyncio.timeout(options.connect_timeout):
                 _, wire = await connect()
@@ -268,13 +291,15 @@ class OutboundSession:
         if not self.capabilities.starttls:
             if policy is TlsPolicy.MAY:
                 return
-            raise self._failure("STARTTLS",
-                                f"4.7.4 TLS is required, but was not offered by host {self.label}")
+            raise self._failure(
+                "STARTTLS", f"4.7.4 TLS is required, but was not offered by host {self.label}"
+            )
         try:
             ctx = client_context(policy is TlsPolicy.VERIFY, self.options.tls_ca_file)
         except (OSError, ValueError) as exc:
-            raise self._failure("STARTTLS", f"4.7.5 cannot load the CA file {self.options.tls_ca_file}: "
-                                f"{exc}") from None
+            raise self._failure(
+                "STARTTLS", f"4.7.5 cannot load the CA file {self.options.tls_ca_file}: {exc}"
+            ) from None
         reply = await self._command(StartTls(), "STARTTLS")
         if reply.code == 421:
             raise await self._refusal(reply)
@@ -282,8 +307,11 @@ class OutboundSession:
             if policy is TlsPolicy.MAY:
                 log.info("%s refused STARTTLS (%s); going on without TLS", self.label, reply_text(reply))
                 return
-            raise self._failure("STARTTLS", f"4.7.5 TLS is required, but host {self.label} refused to "
-                                f"start TLS: {reply_text(reply)}", reply=reply)
+            raise self._failure(
+                "STARTTLS",
+                f"4.7.5 TLS is required, but host {self.label} refused to start TLS: {reply_text(reply)}",
+                reply=reply,
+            )
         try:
             self.tls = await self._wire.start_tls(ctx, self.hop_host or None, self.options.command_timeout)
         except (OSError, TimeoutError, EOFError) as exc:
@@ -311,12 +339,18 @@ class OutboundSession:
             reply = await self._auth_login(username, password)
         else:
             have = " ".join(sorted(offered)) or "none"
-            raise self._failure("AUTH", f"4.7.0 SASL authentication failed: server {self.label} offered no "
-                                f"compatible mechanism (PLAIN, LOGIN); it offered: {have}")
+            raise self._failure(
+                "AUTH",
+                f"4.7.0 SASL authentication failed: server {self.label} offered no "
+                f"compatible mechanism (PLAIN, LOGIN); it offered: {have}",
+            )
         if reply.code != 235:
             status = temporary_status(reply, "4.7.0")
-            raise self._failure("AUTH", f"{status} SASL authentication failed; server {self.label} said: "
-                                f"{reply_text(reply)}", reply=reply)
+            raise self._failure(
+                "AUTH",
+                f"{status} SASL authentication failed; server {self.label} said: {reply_text(reply)}",
+                reply=reply,
+            )
 
     async def _auth_login(self, username: str, password: str) -> Reply:
         """AUTH LOGIN, beside the core (it speaks PLAIN only): three raw exchanges, 334 between."""

@@ -175,7 +175,8 @@ class Wire(asyncio.Protocol):
         self._chunks.clear()
         self._buffered = 0
         new = await self._loop.start_tls(
-            self.transport, self, ctx, server_hostname=server_hostname, ssl_handshake_timeout=timeout)
+            self.transport, self, ctx, server_hostname=server_hostname, ssl_handshake_timeout=timeout
+        )
         if new is None:  # pragma: no cover - only when the loop is closing
             raise ConnectionResetError("connection lost during the TLS handshake")
         self.transport = new

@@ -197,8 +197,9 @@ class Router:
             records = [MxRecord(0, domain)]  # the implicit MX (RFC 5321 §5.1)
         records = drop_self(order_mx(records, self._rng), self._own_names, domain)
         addresses, failed = await self._resolve_hosts(records)
-        by_address = {r.host for r in records
-                      if any(self._is_own(a, self._port) for a in addresses.get(r.host, ()))}
+        by_address = {
+            r.host for r in records if any(self._is_own(a, self._port) for a in addresses.get(r.host, ()))
+        }
         records = drop_self(records, by_address, domain)
         hops = self._hops(records, addresses)
         if hops:

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from gannet import maillog
 from gannet.clock import Clock
 from gannet.config import DeliveryConfig
 from gannet.delivery import attempts
@@ -44,6 +43,7 @@ from gannet.delivery.claim_loop import ClaimLoop
 from gannet.delivery.destination import Destination, Job, SharedBody
 from gannet.delivery.dns import DnsError
 from gannet.delivery.outbound import OutboundConnection, OutboundOptions, SessionFailure
+from gannet.delivery.outcome_log import log_outcome
 from gannet.delivery.recorder import OutcomeRecorder
 from gannet.delivery.routing import Route
 from gannet.delivery.transaction import envelope_for, open_hop, reason, send_with_fallback
@@ -473,7 +473,7 @@ class Scheduler(ClaimLoop):
         outcomes = []
         for v in verdicts:
             outcomes.append(RecipientOutcome(v.rcpt.recipient_id, v.rcpt.lease_token, v.outcome, now))
-            log_verdict(claim.queue_id, v, relay=relay, tls=tls, delay=delay, now=now)
+            log_outcome(claim.queue_id, v.rcpt.address, v.outcome, relay=relay, delay=delay, now=now, tls=tls)
             if isinstance(v.outcome, Delivered):
                 self.stats.delivered += 1
             elif isinstance(v.outcome, Deferred):
@@ -489,33 +489,3 @@ class Scheduler(ClaimLoop):
         self._recorder.add(outcomes, dsns)
         self._inflight -= len(verdicts)
         self._room.set()
-
-
-def log_verdict(queue_id: str, v: Verdict, *, relay: str, tls: str, delay: float, now: float) -> None:
-    outcome = v.outcome
-    address = v.rcpt.address
-    if isinstance(outcome, Delivered):
-        maillog.delivered(
-            queue_id,
-            address,
-            relay,
-            delay,
-            outcome.detail,
-            dsn=attempts.status_of(outcome.detail, "2.0.0"),
-            tls=tls,
-        )
-    elif isinstance(outcome, Deferred):
-        maillog.deferred(
-            queue_id, address, relay, delay, outcome.reason, dsn=attempts.status_of(outcome.reason, "4.0.0"),
-            retry_in=outcome.retry_at - now, tls=tls,
-        )  # fmt: skip
-    else:
-        maillog.bounced(
-            queue_id,
-            address,
-            relay,
-            delay,
-            outcome.reason,
-            dsn=attempts.status_of(outcome.reason, "5.0.0"),
-            tls=tls,
-        )

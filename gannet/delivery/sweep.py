@@ -28,7 +28,7 @@ from gannet.clock import Clock
 from gannet.config import DeliveryConfig
 from gannet.delivery import attempts
 from gannet.delivery.bounces import Bounces
-from gannet.delivery.scheduler import log_verdict
+from gannet.delivery.outcome_log import log_outcome
 from gannet.queue.model import NewMessage, RecipientOutcome
 from gannet.queue.store import QueueStore
 
@@ -107,7 +107,7 @@ class Sweep:
                 ]
                 delay = now - claim.received_at
                 for v in verdicts:
-                    log_verdict(claim.queue_id, v, relay="none", tls="", delay=delay, now=now)
+                    log_outcome(claim.queue_id, v.rcpt.address, v.outcome, relay="none", delay=delay, now=now)
                     outcomes.append(RecipientOutcome(v.rcpt.recipient_id, v.rcpt.lease_token, v.outcome, now))
                 reports = [v.report for v in verdicts if v.report is not None]
                 if reports and self._bounces is not None:
