@@ -366,6 +366,18 @@ class _Reader(ValueReader):
         if smarthost:
             self.host_port(smarthost, "relay.smarthost")
         pw = self.string(t, "smarthost_password_file", "relay.smarthost_password_file", "")
+        user = self.string(t, "smarthost_user", "relay.smarthost_user", "")
+        if user and not smarthost:
+            raise self.fail("relay.smarthost_user", "is set but relay.smarthost is not")
+        if user and not pw:
+            raise self.fail("relay.smarthost_password_file", "is needed with relay.smarthost_user")
+        if pw:
+            try:
+                with open(self.path(pw), encoding="utf-8") as f:
+                    if not f.readline().strip():
+                        raise self.fail("relay.smarthost_password_file", f"{pw}: the first line is empty")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise self.fail("relay.smarthost_password_file", f"cannot read {pw}: {exc}") from None
         return RelayConfig(
             local_domains=tuple(
                 d.lower().rstrip(".") for d in self.strings(t, "local_domains", "relay.local_domains")
@@ -375,7 +387,7 @@ class _Reader(ValueReader):
             ),
             trusted_networks=tuple(nets),
             smarthost=smarthost,
-            smarthost_user=self.string(t, "smarthost_user", "relay.smarthost_user", ""),
+            smarthost_user=user,
             smarthost_password_file=self.path(pw) if pw else None,
         )
 

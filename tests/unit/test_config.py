@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gannet import cli
-from gannet.config import BareNewlinePolicy, ConfigError, ListenMode, load
+from gannet.config import BareNewlinePolicy, ConfigError, ListenMode, TlsPolicy, load
 
 BASE = """
 hostname = "mx.example.test"
@@ -87,6 +87,10 @@ bare_newline = "normalize"
         ),
         ('[mailboxes]\nmaildir = "var/{mailbox}"\n', "mailboxes.maildir", "placeholder"),
         ("[relay]\n", "", "not valid TOML"),  # the table is defined twice
+        ('[delivery]\ntls = "sometimes"\n', "delivery.tls", "not allowed"),
+        ('[delivery]\ntls_policy = { "x.test" = "always" }\n', "delivery.tls_policy", "not a TLS policy"),
+        ("[delivery]\ndestination_concurrency = 0\n", "delivery.destination_concurrency", "out of range"),
+        ('[delivery]\nconnection_cache_time = "soon"\n', "delivery.connection_cache_time", "not a duration"),
     ],
 )
 def test_each_error_names_file_key_and_reason(tmp_path: Path, extra: str, key: str, reason: str) -> None:
@@ -138,3 +142,36 @@ def test_config_file_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("GANNET_CONFIG")
     write(tmp_path, BASE)
     assert find_config_file(None) == Path("gannet.toml")
+
+
+@pytest.mark.parametrize(
+    ("relay", "key", "reason"),
+    [
+        ('smarthost_user = "u"\n', "relay.smarthost_user", "relay.smarthost is not"),
+        ('smarthost = "10.0.0.1:587"\nsmarthost_user = "u"\n', "relay.smarthost_password_file", "is needed"),
+        ('smarthost = "10.0.0.1:587"\nsmarthost_user = "u"\nsmarthost_password_file = "nope"\n',
+         "relay.smarthost_password_file", "cannot read nope"),
+        ('smarthost = "10.0.0.1:587"\nsmarthost_user = "u"\nsmarthost_password_file = "empty"\n',
+         "relay.smarthost_password_file", "the first line is empty"),
+    ],
+)
+def test_smarthost_auth_needs_a_readable_password_file(tmp_path: Path, relay: str, key: str,
+                                                        reason: str) -> None:
+    (tmp_path / "empty").write_text("\n")
+    path = write(tmp_path, BASE + relay)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == key and reason in str(info.value)
+
+
+def test_outbound_delivery_keys(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("secret\n")
+    cfg = load(write(tmp_path, BASE + 'smarthost = "[10.0.0.1]:587"\nsmarthost_user = "u"\n'
+                                      'smarthost_password_file = "pw"\n'
+                                      '[delivery]\ntls = "require"\ntls_policy = { "Bank.Test" = "verify" }\n'
+                                      'destination_concurrency = 5\nconnection_cache_time = "10s"\n'))
+    assert cfg.relay.smarthost_password_file == tmp_path / "pw"
+    assert cfg.delivery.tls is TlsPolicy.REQUIRE
+    assert cfg.delivery.tls_policy == {"bank.test": TlsPolicy.VERIFY}
+    assert (cfg.delivery.destination_concurrency, cfg.delivery.connection_cache_time) == (5, 10.0)
+    assert (cfg.delivery.remote_concurrency, cfg.delivery.command_timeout) == (100, 300.0)

@@ -1,0 +1,27 @@
+"""The mail-log line of one recipient attempt, whoever made it (Maildir, LMTP,
+SMTP, the sweep): `QUEUEID: to=<…>, relay=…, delay=…, tls=…, dsn=…, status=…
+(reason)`. The dsn= field is the enhanced status code in the reason, or the
+class default. Never raises (maillog never does).
+"""
+
+from __future__ import annotations
+
+from gannet import maillog
+from gannet.delivery.attempts import status_of
+from gannet.queue.model import Deferred, Delivered, Outcome
+
+
+def log_outcome(
+    queue_id: str, address: str, outcome: Outcome, *, relay: str, delay: float, now: float, tls: str = ""
+) -> None:
+    if isinstance(outcome, Delivered):
+        dsn = status_of(outcome.detail, "2.0.0")
+        maillog.delivered(queue_id, address, relay, delay, outcome.detail, dsn=dsn, tls=tls)
+    elif isinstance(outcome, Deferred):
+        dsn = status_of(outcome.reason, "4.0.0")
+        retry_in = outcome.retry_at - now
+        maillog.deferred(queue_id, address, relay, delay, outcome.reason, dsn=dsn, retry_in=retry_in, tls=tls)
+    else:
+        maillog.bounced(
+            queue_id, address, relay, delay, outcome.reason, dsn=status_of(outcome.reason, "5.0.0"), tls=tls
+        )
