@@ -1,0 +1,167 @@
+"""The config's values: enums and frozen dataclasses, one per TOML table.
+
+What `gannet.config.load` returns and every other module reads; `gannet.config`
+re-exports all of it, so import from there. Pure data: no parsing, no I/O
+(the parsing and its errors are `gannet.config`'s).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ListenMode(enum.Enum):
+    MX = "mx"
+    SUBMISSION = "submission"
+    SUBMISSIONS = "submissions"
+    LMTP = "lmtp"
+
+
+class DmarcMode(enum.Enum):
+    ENFORCE = "enforce"
+    REPORT = "report"
+    OFF = "off"
+
+
+class BareNewlinePolicy(enum.Enum):
+    REJECT = "reject"
+    NORMALIZE = "normalize"
+
+
+class TlsPolicy(enum.Enum):
+    """Outbound TLS for one destination (Postfix's smtp_tls_security_level)."""
+
+    NONE = "none"  # never STARTTLS
+    MAY = "may"  # STARTTLS when offered, certificate not checked; plaintext if the handshake fails
+    REQUIRE = "require"  # STARTTLS or no delivery (defer); certificate not checked
+    VERIFY = "verify"  # STARTTLS with a certificate valid for the MX host name, or defer
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int
+    mode: ListenMode
+    proxy_protocol: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    url: str = "sqlite:"
+    sqlite_path: Path | None = None  # resolved from url "sqlite:" / "sqlite:PATH"
+    inline_body_limit: int = 256 * 1024  # bodies above this are spooled to a file while arriving
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: Path | None = None
+    key: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    local_domains: tuple[str, ...] = ()
+    relay_domains: tuple[str, ...] = ()
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    smarthost: str = ""
+    smarthost_user: str = ""
+    smarthost_password_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxesConfig:
+    maildir: str  # template with {domain} and {user}, absolute after resolution
+    users_file: Path
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    lmtp: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    port: int = 25
+    retry: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400)
+    give_up_after: float = 5 * 86400
+    warn_after: float = 4 * 3600
+    local_concurrency: int = 8  # Maildir writers working at once
+    maildir_sync: str = "batch"  # "batch": syncfs once per batch (Linux >= 5.8); "file": fsync per file
+    remote_concurrency: int = 100  # outbound SMTP connections open at once, all destinations
+    destination_concurrency: int = 20  # outbound connections to one destination
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2: 5 minutes for most replies
+    data_timeout: float = 600.0  # RFC 5321 §4.5.3.2.6: 10 minutes for the reply to the final "."
+    connection_cache_time: float = 2.0  # an idle outbound connection is kept this long for reuse
+    tls: TlsPolicy = TlsPolicy.MAY  # outbound STARTTLS, every destination without its own entry
+    tls_policy: dict[str, TlsPolicy] = field(default_factory=dict)  # domain (or "smarthost") → policy
+    tls_ca_file: Path | None = None  # CA bundle for "verify" (default: the system's)
+    sweep_interval: float = 60.0  # how often the queue is swept for expired and stuck recipients
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKey:
+    domain: str
+    selector: str
+    key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class MailauthConfig:
+    dmarc: DmarcMode = DmarcMode.ENFORCE
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    address: str = "127.0.0.1:8025"
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """Limits and protocol choices of the listeners (all optional keys)."""
+
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    max_errors: int = 20
+    idle_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7 asks servers for at least 5 minutes
+    data_timeout: float = 600.0
+    max_sessions: int = 20000
+    bare_newline: BareNewlinePolicy = BareNewlinePolicy.REJECT
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    file: Path
+    hostname: str
+    data_dir: Path
+    listen: tuple[Listener, ...]
+    queue: QueueConfig
+    tls: TlsConfig
+    relay: RelayConfig
+    mailboxes: MailboxesConfig
+    delivery: DeliveryConfig
+    dns: DnsConfig
+    dkim: tuple[DkimKey, ...]
+    mailauth: MailauthConfig
+    admin: AdminConfig
+    smtp: SmtpConfig
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def postmaster(self) -> str:
+        """Where double bounces go (CONTRACT.md)."""
+        return f"postmaster@{self.relay.local_domains[0]}" if self.relay.local_domains else ""
