@@ -17,15 +17,13 @@ Rules:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 from gannet.config import DeliveryConfig
 from gannet.delivery.dsn import Action, RecipientReport, should_notify
 from gannet.delivery.retry import defer_or_expire
 from gannet.queue.model import Claim, ClaimedRecipient, Deferred, Delivered, Failed, Outcome
-
-_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+from gannet.smtp.replies import ENHANCED_STATUS
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +40,7 @@ def status_of(text: str, default: str) -> str:
     """The enhanced status code in a reason ("550 5.1.1 no such user" → "5.1.1");
     RFC 3463 §2: class "." 1-3 digits "." 1-3 digits."""
     for word in text.split(" ", 2)[:2]:
-        if _STATUS.fullmatch(word):
+        if ENHANCED_STATUS.fullmatch(word):
             return word
     return default
 

@@ -67,6 +67,7 @@ from gannet.delivery.dsn_policy import (
     worst_action,
 )
 from gannet.message.headers import rfc5322_date
+from gannet.smtp.replies import ENHANCED_STATUS
 
 __all__ = [
     "MAX_RETURNED",
@@ -87,7 +88,6 @@ FOLD_AT = 78  # fold fields before this column where there is a space
 MAX_WORD = 900  # octets: a longer run without spaces is cut, to keep lines under 998 octets
 TEXT_WIDTH = 76  # the plain-text part's line width
 
-_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _SMTP_REPLY = re.compile(r"[2-5]\d\d(?:[ -]|$)")
 _REPLY_LINE = re.compile(r"([2-5]\d\d)[ -]((?:[245]\.\d{1,3}\.\d{1,3}(?: |$))?)(.*)")
 _ENHANCED = re.compile(r"(?:[2-5]\d\d[ -])?([245]\.\d{1,3}\.\d{1,3})(?: |$)")
@@ -401,7 +401,7 @@ def _status(r: RecipientReport) -> str:
     "4.3.0 ..."), else x.0.0; a code of the wrong class for the action is not used."""
     found = _ENHANCED.match(r.diagnostic.strip())
     for status in (r.status.strip(), found.group(1) if found else ""):
-        if _STATUS.fullmatch(status) and status[0] in _CLASSES.get(r.action, "2"):
+        if ENHANCED_STATUS.fullmatch(status) and status[0] in _CLASSES.get(r.action, "2"):
             return status
     return _DEFAULT_STATUS.get(r.action, "2.0.0")
 

@@ -213,10 +213,7 @@ class OutboundConnection(OutboundSession):
                     ),
                 )
             return await self._transaction(envelope, payload, utf8)
-        except SessionFailure:
-            self._abort()
-            raise
-        except asyncio.CancelledError:
+        except (SessionFailure, asyncio.CancelledError):
             self._abort()
             raise
         except Exception as exc:

@@ -260,10 +260,7 @@ class OutboundSession:
                 await self._starttls(policy)
             if self.options.auth is not None:
                 await self._authenticate(*self.options.auth)
-        except (SessionFailure, _TlsFallback):
-            self._abort()
-            raise
-        except asyncio.CancelledError:
+        except (SessionFailure, _TlsFallback, asyncio.CancelledError):
             self._abort()
             raise
         except Exception as exc:

@@ -22,7 +22,6 @@ before STARTTLS completed (the client side of CVE-2011-0411).
 from __future__ import annotations
 
 import base64
-import re
 from dataclasses import dataclass, field
 
 from gannet.smtp.buffer import ReceiveBuffer
@@ -47,7 +46,7 @@ from gannet.smtp.events import (
     StartTls,
     Vrfy,
 )
-from gannet.smtp.replies import Reply
+from gannet.smtp.replies import ENHANCED_STATUS, Reply
 from gannet.smtp.state import (
     ClientState,
     ClientStep,
@@ -63,7 +62,6 @@ P = ClientStep
 REPLY_LINE_LIMIT = 4096  # RFC 5321 §4.5.3.1.5 says 512; real servers send longer text
 REPLY_MAX_LINES = 256
 COMMAND_LINE_LIMIT = 512  # RFC 5321 §4.5.3.1.4
-_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 # RFC 2920 §3.1: these end a pipelined group; wait for every reply before sending more.
 _LAST_IN_GROUP = frozenset({P.HELLO, P.DATA, P.QUIT, P.NOOP, P.VRFY, P.STARTTLS, P.AUTH})
 
@@ -245,7 +243,7 @@ class ClientConnection:
         self._lines = []
         enhanced = ""
         first = texts[0].split(" ", 1)[0]
-        if _ENHANCED.fullmatch(first) and first[0] == str(code)[0]:
+        if ENHANCED_STATUS.fullmatch(first) and first[0] == str(code)[0]:
             enhanced = first
             cut = len(first) + 1
             texts = [t[cut:] if t.split(" ", 1)[0] == first else t for t in texts]

@@ -11,7 +11,12 @@ RFC 2034 (ENHANCEDSTATUSCODES: the code is the first word of every line).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# RFC 3463 §2: an enhanced status code is class "." subject "." detail, class
+# 2, 4 or 5 and the other two 1-3 digits. Match a whole word with fullmatch().
+ENHANCED_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
 
 @dataclass(frozen=True, slots=True)
