@@ -51,7 +51,7 @@ def remove(path: Path, keep: bool) -> None:
 
 
 def gannet_config(work: Path, *, smtp: dict[str, Any] | None = None, relay: dict[str, Any] | None = None,
-                  delivery: dict[str, Any] | None = None) -> str:
+                  delivery: dict[str, Any] | None = None, queue_url: str | None = None) -> str:
     """Gannet as the benchmarks run it: one mx listener, local domain example.test, Maildirs, no TLS."""
     host = peers.GANNET_HOST
     config: dict[str, Any] = {
@@ -69,18 +69,68 @@ def gannet_config(work: Path, *, smtp: dict[str, Any] | None = None, relay: dict
         config["relay"].update(relay)
     if delivery:
         config["delivery"] = delivery
+    if queue_url:
+        config["queue"] = {"url": queue_url}
     return peers.to_toml(config)
 
 
 def start_gannet(work: Path, *, smtp: dict[str, Any] | None = None, nofile: int | None = None,
                  relay: dict[str, Any] | None = None, delivery: dict[str, Any] | None = None,
-                 ) -> peers.GannetProcess:
+                 queue_url: str | None = None) -> peers.GannetProcess:
     """A fresh Gannet in ``work/gannet`` with the account alice@example.test."""
-    config = gannet_config(work / "gannet", smtp=smtp, relay=relay, delivery=delivery)
+    config = gannet_config(work / "gannet", smtp=smtp, relay=relay, delivery=delivery, queue_url=queue_url)
     g = peers.GannetProcess(work / "gannet", config, start=False, nofile=nofile)
     g.cli("users", "add", BENCH_USER, "--password-stdin", input=BENCH_PASSWORD + "\n")
     g.start()
     return g
+
+
+class BenchQueue:
+    """Where Gannet keeps its queue in a benchmark (``--queue-url``): SQLite in its
+    data directory (None, the default); ``"postgres"``, a private PostgreSQL from
+    the installed binaries (peers.PostgresServer, durable defaults: fsync on,
+    synchronous_commit on), a fresh database per run, its CPU counted with
+    Gannet's; or a ``postgresql://`` URL of a database the benchmark may create
+    schemas in (a fresh schema per run; that server's CPU is not counted)."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.spec = spec
+        self.server: peers.PostgresServer | None = None
+        self.work: Path | None = None
+        if spec == "postgres":
+            self.work = workdir("postgres")
+            self.server = peers.PostgresServer(self.work)
+        elif spec is not None and not spec.startswith(("postgresql://", "postgres://")):
+            sys.exit(f"bench: --queue-url takes postgres or a postgresql:// URL, not {spec!r}")
+
+    @property
+    def label(self) -> str:
+        return "sqlite" if self.spec is None else "postgresql"
+
+    def url(self, name: str) -> str | None:
+        """The queue URL for one run (None: SQLite), empty."""
+        if self.spec is None:
+            return None
+        if self.server is not None:
+            return self.server.create_database(name)
+        import psycopg
+
+        with psycopg.connect(self.spec, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')  # type: ignore[arg-type]
+            conn.execute(f'CREATE SCHEMA "{name}"')  # type: ignore[arg-type]
+        return self.spec + ("&" if "?" in self.spec else "?") + f"options=-csearch_path%3D{name}"
+
+    def cpu_seconds(self) -> float:
+        """CPU of the private PostgreSQL (postmaster and its backends); 0 otherwise."""
+        if self.server is None or self.server.proc is None:
+            return 0.0
+        return peers.process_tree_cpu_seconds(self.server.proc.pid)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
 
 
 def start_postfix(work: Path, *, process_limit: int = 100) -> peers.PostfixInstance:

@@ -77,16 +77,17 @@ def count_new(maildir: os.PathLike[str]) -> int:
 
 
 def run_once(server: str, sessions: int, style: str, messages: int, size: int, keep: bool,
-             profile: Path | None = None) -> Run:
+             profile: Path | None = None, queue: _common.BenchQueue | None = None) -> Run:
     run = Run(server, sessions, style, messages)
     work = _common.workdir(f"accept-{server}-{sessions}-{style}")
+    queue = queue or _common.BenchQueue(None)
     try:
         if server == "gannet":
-            g = _common.start_gannet(work)
+            g = _common.start_gannet(work, queue_url=queue.url(f"accept_{sessions}_{style}"))
             target, maildir, stop = g.target(), g.maildir(_common.BENCH_USER), g.stop
 
-            def cpu() -> float:
-                return peers.process_tree_cpu_seconds(g.pid)
+            def cpu() -> float:  # with a private PostgreSQL, its CPU too
+                return peers.process_tree_cpu_seconds(g.pid) + queue.cpu_seconds()
         else:
             pf = _common.start_postfix(work, process_limit=max(100, 2 * sessions + 20))
             target, maildir, cpu, stop = pf.target, pf.maildir(_common.BENCH_USER), pf.cpu_seconds, pf.close
@@ -130,15 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="sample Gannet with py-spy; collapsed stacks into DIR (see below)")
+    parser.add_argument("--queue-url", metavar="URL",
+                        help="Gannet's queue: postgres (a private PostgreSQL) or a postgresql:// URL; "
+                             "default SQLite (see _common.BenchQueue)")
+    parser.add_argument("--mailauth", action="store_true",
+                        help="Gannet only: the accept rate with SPF/DKIM/DMARC checks off and on "
+                             "(bench/accept_mailauth.py)")
     args = parser.parse_args(argv)
     messages = 2000 if args.quick else args.messages
     sessions = [int(s) for s in args.sessions.split(",")]
     styles = args.styles.split(",")
+    if args.mailauth:
+        import accept_mailauth
+
+        return accept_mailauth.main(sessions, styles, messages, args.size, args.keep, args.profile)
     servers = args.servers.split(",")
     if not set(styles) <= {"one", "many"} or not set(servers) <= set(SERVERS):
         parser.error("--styles takes one,many and --servers gannet,postfix")
     _common.require("smtp-source", *(["postfix"] if "postfix" in servers else []))
     peers.raise_nofile(4096)
+    queue = _common.BenchQueue(args.queue_url)
 
     runs: dict[tuple[str, int, str], Run] = {}
     for n in sessions:
@@ -147,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"… {server}: {messages} messages, {n} sessions, {style} per connection",
                       file=sys.stderr, flush=True)
                 runs[server, n, style] = r = run_once(server, n, style, messages, args.size, args.keep,
-                                                      args.profile)
+                                                      args.profile, queue)
                 print(f"  {r.rate:,.0f} msgs/s, {r.ms_per_msg(r.cpu_total):.2f} ms CPU/msg",
                       file=sys.stderr, flush=True)
 
@@ -158,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         if server == "gannet" and other:
             ratio_rate = f"{r.rate / other.rate:.2f}x"
             ratio_cpu = f"{r.cpu_total / other.cpu_total:.2f}x"
-        rows.append([server, n, "1 per conn" if style == "one" else "all on 1 conn", r.rate, r.wall, r.drain,
+        name = server if server != "gannet" else f"gannet ({queue.label})"
+        rows.append([name, n, "1 per conn" if style == "one" else "all on 1 conn", r.rate, r.wall, r.drain,
                      r.ms_per_msg(r.cpu_accept), r.ms_per_msg(r.cpu_total), ratio_rate, ratio_cpu])
+    queue.close()
     print(f"\n{messages} messages of {args.size} bytes, 1 recipient each; "
           f"{os.cpu_count()} CPUs; CPU ms/msg = server CPU / messages\n")
     print(_common.table(["server", "sessions", "connections", "msgs/s", "wall s", "drain s",

@@ -53,17 +53,20 @@ class Run:
         return self.messages / self.total
 
 
-def run_once(server: str, sessions: int, messages: int, size: int, keep: bool, profile: Path | None) -> Run:
+def run_once(server: str, sessions: int, messages: int, size: int, keep: bool, profile: Path | None,
+             queue: _common.BenchQueue | None = None) -> Run:
     run = Run(server, sessions, messages)
     work = _common.workdir(f"relay-{server}-{sessions}")
     sink = peers.SmtpSink(work / "sink", max_sessions=1000, backlog=1000)
+    queue = queue or _common.BenchQueue(None)
     try:
         if server == "gannet":
-            g = _common.start_gannet(work, relay={"smarthost": sink.target})
+            g = _common.start_gannet(work, relay={"smarthost": sink.target},
+                                     queue_url=queue.url(f"relay_{sessions}"))
             target, stop = g.target(), g.stop
 
-            def cpu() -> float:
-                return peers.process_tree_cpu_seconds(g.pid)
+            def cpu() -> float:  # with a private PostgreSQL, its CPU too
+                return peers.process_tree_cpu_seconds(g.pid) + queue.cpu_seconds()
         else:
             pf = peers.PostfixInstance(work / "postfix", mode="relay", relayhost=sink.target,
                                        process_limit=max(100, 2 * sessions + 40))
@@ -105,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=4096, help="body bytes (smtp-source -l, default 4096)")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="sample Gannet with py-spy into DIR")
+    parser.add_argument("--queue-url", metavar="URL",
+                        help="Gannet's queue: postgres (a private PostgreSQL) or a postgresql:// URL; "
+                             "default SQLite (see _common.BenchQueue)")
     args = parser.parse_args(argv)
     messages = 2000 if args.quick else args.messages
     servers = args.servers.split(",")
@@ -112,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--servers takes gannet,postfix")
     _common.require("smtp-source", "smtp-sink", *(["postfix"] if "postfix" in servers else []))
     peers.raise_nofile(4096)
+    queue = _common.BenchQueue(args.queue_url)
     runs: dict[tuple[str, int], Run] = {}
     for n in (int(s) for s in args.sessions.split(",")):
         for server in servers:
             print(f"… {server}: {messages} messages, {n} sessions", file=sys.stderr, flush=True)
-            runs[server, n] = r = run_once(server, n, messages, args.size, args.keep, args.profile)
+            runs[server, n] = r = run_once(server, n, messages, args.size, args.keep, args.profile, queue)
             print(f"  {r.rate:,.0f} msgs/s end to end, {1000 * r.cpu / messages:.2f} ms CPU/msg",
                   file=sys.stderr, flush=True)
     rows = []
@@ -124,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         other = runs.get(("postfix", n))
         ratio_rate = f"{r.rate / other.rate:.2f}x" if server == "gannet" and other else ""
         ratio_cpu = f"{r.cpu / other.cpu:.2f}x" if server == "gannet" and other else ""
-        rows.append([server, n, r.rate, r.total, r.accept, r.total - r.accept, 1000 * r.cpu / messages,
+        name = server if server != "gannet" else f"gannet ({queue.label})"
+        rows.append([name, n, r.rate, r.total, r.accept, r.total - r.accept, 1000 * r.cpu / messages,
                      ratio_rate, ratio_cpu])
+    queue.close()
     print(f"\n{messages} messages of {args.size} bytes, 1 recipient each, relayed to smtp-sink; "
           f"{os.cpu_count()} CPUs\n")
     print(_common.table(["server", "sessions", "msgs/s", "total s", "accept s", "drain s", "CPU ms/msg",

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import getpass
-import json
 import logging
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from gannet import __version__
 from gannet import config as config_mod
@@ -24,6 +21,11 @@ EXIT_OK, EXIT_NO, EXIT_USAGE = 0, 1, 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sendmail"]:  # sendmail's own option syntax (-oi, -fADDR …) is not argparse's
+        from gannet.admin import sendmail
+
+        return sendmail.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -78,26 +80,59 @@ def _parser() -> argparse.ArgumentParser:
 
     queue = sub.add_parser("queue", parents=[common], help="inspect and act on the queue")
     qs = queue.add_subparsers(title="queue commands", metavar="ACTION")
-    q = qs.add_parser("list", parents=[common], help="one row per queued message")
+    from gannet.admin.queue_cli import add_filter_arguments
+
+    q = qs.add_parser("list", parents=[common], help="one row per queued recipient, filtered")
+    add_filter_arguments(q)
+    q.add_argument("--limit", type=int, help="at most this many messages (the oldest)")
     q.add_argument("--json", action="store_true", help="a JSON array (see CONTRACT.md)")
-    q.set_defaults(func=cmd_queue_list)
+    q.set_defaults(func=cmd_queue, action="list")
     q = qs.add_parser("show", parents=[common], help="one message: envelope, headers, history")
     q.add_argument("id")
     q.add_argument("--json", action="store_true")
-    q.set_defaults(func=cmd_queue_show)
-    q = qs.add_parser("retry", parents=[common], help="make deferred recipients due now")
-    q.add_argument("id", nargs="?")
-    q.add_argument("--all", action="store_true")
-    q.set_defaults(func=cmd_queue_retry)
+    q.set_defaults(func=cmd_queue, action="show")
     for name, helptext in (
+        ("retry", "make deferred recipients due now (--all: flush the queue)"),
         ("hold", "never deliver until released"),
         ("release", "undo hold"),
         ("delete", "remove without delivering (no bounce)"),
     ):
         q = qs.add_parser(name, parents=[common], help=helptext)
-        q.add_argument("id")
-        q.set_defaults(func=cmd_queue_action, action=name)
+        q.add_argument("ids", nargs="*", metavar="ID", help="queue IDs; - reads them from stdin")
+        q.add_argument("--all", action="store_true", help="every message (retry: every deferred one)")
+        add_filter_arguments(q)
+        q.add_argument("--json", action="store_true")
+        q.set_defaults(func=cmd_queue, action=name)
     queue.set_defaults(func=lambda a: _usage(queue))
+
+    s = sub.add_parser("trace", parents=[common], help="the timeline of one message")
+    s.add_argument("key", metavar="ID|MESSAGE-ID")
+    s.add_argument("--json", action="store_true", help="a JSON array of events")
+    s.set_defaults(func=cmd_trace)
+    sub.add_parser("sendmail", help="sendmail-compatible submission (options: `gannet sendmail -h`)")
+
+    dkim = sub.add_parser("dkim", parents=[common], help="DKIM signing keys")
+    ds = dkim.add_subparsers(title="dkim commands", metavar="ACTION")
+    d = ds.add_parser("keygen", parents=[common], help="write a new key and print its DNS record")
+    d.add_argument("--domain", required=True)
+    d.add_argument("--selector", required=True)
+    d.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    d.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    d.add_argument("--force", action="store_true", help="replace an existing key file")
+    d.set_defaults(func=cmd_dkim_keygen)
+    dkim.set_defaults(func=lambda a: _usage(dkim))
+
+    s = sub.add_parser("doctor", parents=[common], help="check a domain's DNS records for mail")
+    s.add_argument("domain")
+    s.add_argument("--json", action="store_true", help="a JSON array of checks")
+    s.add_argument("--address", action="append", default=[], help="this server's address (repeatable)")
+    s.set_defaults(func=cmd_doctor)
+
+    db = sub.add_parser("db", parents=[common], help="the queue database")
+    ds = db.add_subparsers(title="db commands", metavar="ACTION")
+    d = ds.add_parser("migrate", parents=[common], help="create or update the queue schema (serve does too)")
+    d.set_defaults(func=cmd_db_migrate)
+    db.set_defaults(func=lambda a: _usage(db))
     return p
 
 
@@ -180,6 +215,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from gannet.server.tls import server_context
 
     server_context(config.tls, config.file)
+    from gannet.mailauth.keys import load_keys
+
+    load_keys(config)  # an unreadable or unusable [[dkim]] key: ConfigError, exit 2
     try:
         accounts = Accounts.load(config.mailboxes.users_file)
     except AccountsError as exc:
@@ -247,181 +285,56 @@ def cmd_users_remove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- queue -----------------------------------------------------------------------
-def _with_store(config: Config, work: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
-    from gannet.queue.sqlite import SqliteStore
+# -- queue / trace / sendmail (implemented in gannet.admin) ---------------------------
+def cmd_queue(args: argparse.Namespace) -> int:
+    from gannet.admin import queue_cli
 
-    path = config.queue.sqlite_path
-    if path is None:
-        raise ConfigError(config.file, "queue.url", "the PostgreSQL store is not available in this version")
-
-    async def run() -> int:
-        store = SqliteStore(
-            path,
-            spool_dir=config.data_dir / "spool",
-            recover=False,
-        )
-        await store.open()
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    return queue_cli.main(args, load_config(args))
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def cmd_trace(args: argparse.Namespace) -> int:
+    from gannet.admin import trace
+
+    return trace.main(args, load_config(args))
 
 
-def _shown_state(view: Any, rcpt: Any) -> str:
-    return "held" if view.held and not rcpt.state.is_final else rcpt.state.value
-
-
-def _message_json(view: Any, history: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": view.queue_id,
-        "sender": view.sender,
-        "size": view.size,
-        "received_at": _iso(view.received_at),
-        "recipients": [
-            {
-                "address": r.address,
-                "state": _shown_state(view, r),
-                "attempts": r.attempts,
-                "next_attempt": _iso(r.next_attempt),
-                "last_error": r.last_error or None,
-                **({"original": r.original} if r.original else {}),
-            }
-            for r in view.recipients
-        ],
-    }
-    if history:
-        out.update(
-            {
-                "client": view.client,
-                "auth_user": view.auth_user or None,
-                "message_id": view.message_id or None,
-                "envid": view.envid,
-                "ret": view.ret,
-                "held": view.held,
-                "history": [
-                    {"at": _iso(h.at), "recipient": h.recipient or None, "event": h.event, "detail": h.detail}
-                    for h in view.history
-                ],
-            }
-        )
-    return out
-
-
-def cmd_queue_list(args: argparse.Namespace) -> int:
-    config = load_config(args)
-
-    async def work(store: Any) -> int:
-        views = await store.list_messages()
-        if args.json:
-            print(json.dumps([_message_json(v) for v in views], indent=1))
-            return EXIT_OK
-        if not views:
-            print("the queue is empty")
-            return EXIT_OK
-        print(f"{'ID':<16} {'SIZE':>8}  {'RECEIVED':<20}  SENDER")
-        for v in views:
-            print(
-                f"{v.queue_id:<16} {v.size:>8}  {_iso(v.received_at):<20}  <{v.sender}>"
-                + ("  (held)" if v.held else "")
-            )
-            for r in v.recipients:
-                line = f"{'':<18}{_shown_state(v, r):<11} <{r.address}> attempts={r.attempts}"
-                if r.next_attempt and not r.state.is_final:
-                    line += f" next={_iso(r.next_attempt)}"
-                print(line)
-                if r.last_error:
-                    print(f"{'':<29}{r.last_error}")
-        print(f"-- {len(views)} message(s)")
-        return EXIT_OK
-
-    return _with_store(config, work)
-
-
-def cmd_queue_show(args: argparse.Namespace) -> int:
-    from gannet.queue.model import NoSuchMessage
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from gannet.queue.configured import migrate
+    from gannet.queue.model import QueueError
 
     config = load_config(args)
-
-    async def work(store: Any) -> int:
-        try:
-            view = await store.get_message(args.id)
-        except NoSuchMessage:
-            print(
-                f"gannet: no message {args.id} in the queue (delivered, bounced or deleted?)", file=sys.stderr
-            )
-            return EXIT_NO
-        body = await store.read_body(args.id)
-        head = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
-        if args.json:
-            print(json.dumps({**_message_json(view, history=True), "headers": head}, indent=1))
-            return EXIT_OK
-        data = _message_json(view, history=True)
-        print(f"id:          {view.queue_id}")
-        print(f"sender:      <{view.sender}>")
-        print(f"size:        {view.size}")
-        print(f"received:    {data['received_at']} from {view.client}")
-        if view.auth_user:
-            print(f"auth:        {view.auth_user}")
-        if view.held:
-            print("held:        yes")
-        print("recipients:")
-        for r in data["recipients"]:
-            print(
-                f"  <{r['address']}> {r['state']} attempts={r['attempts']}"
-                + (f" next={r['next_attempt']}" if r["next_attempt"] else "")
-                + (f"\n      {r['last_error']}" if r["last_error"] else "")
-            )
-        print("history:")
-        for h in data["history"]:
-            who = f" <{h['recipient']}>" if h["recipient"] else ""
-            print(f"  {h['at']} {h['event']}{who} {h['detail']}")
-        print("headers:")
-        for line in head.splitlines():
-            print(f"  {line}")
-        return EXIT_OK
-
-    return _with_store(config, work)
+    try:
+        print(asyncio.run(migrate(config.queue, config.data_dir)))
+    except QueueError as exc:
+        print(f"gannet db migrate: {exc}", file=sys.stderr)
+        return EXIT_NO
+    return EXIT_OK
 
 
-def cmd_queue_retry(args: argparse.Namespace) -> int:
-    import time
+# -- dkim / doctor (implemented in gannet.mailauth) ---------------------------------
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    from gannet.mailauth.keygen import KeygenRefused, keygen
+    from gannet.mailauth.keys import KeyAlgorithm
 
-    if bool(args.id) == bool(args.all):
-        print("gannet: give a queue ID or --all", file=sys.stderr)
+    config = load_config(args)
+    try:
+        algorithm = KeyAlgorithm(args.algorithm)
+        keygen(config, args.domain, args.selector, algorithm, args.bits, args.force, sys.stdout)
+    except ValueError as exc:
+        print(f"gannet: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    config = load_config(args)
-
-    async def work(store: Any) -> int:
-        n = await store.retry(None if args.all else args.id, time.time())
-        print(f"{n} recipient(s) due now")
-        return EXIT_OK
-
-    return _with_store(config, work)
+    except (KeygenRefused, OSError) as exc:
+        print(f"gannet: {exc}", file=sys.stderr)
+        return EXIT_NO
+    return EXIT_OK
 
 
-def cmd_queue_action(args: argparse.Namespace) -> int:
-    import time
-
-    from gannet.queue.model import NoSuchMessage
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from gannet.mailauth import doctor
 
     config = load_config(args)
-
-    async def work(store: Any) -> int:
-        try:
-            await getattr(store, args.action)(args.id, time.time())
-        except NoSuchMessage:
-            print(f"gannet: no message {args.id} in the queue", file=sys.stderr)
-            return EXIT_NO
-        print(f"{args.id}: {args.action}{'d' if args.action.endswith('e') else 'ed'}")
-        return EXIT_OK
-
-    return _with_store(config, work)
+    try:
+        return doctor.main(config, args.domain, args.address, args.json, sys.stdout)
+    except ValueError as exc:
+        print(f"gannet: {exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -153,18 +153,45 @@ class _Reader(ValueReader):
             key = f"listen[{i}]"
             if not isinstance(entry, dict):
                 raise self.fail(key, "must be a table")
-            self.table({"x": entry}, "x", key, {"address", "mode", "proxy_protocol"})
+            self.table({"x": entry}, "x", key, {"address", "mode", "proxy_protocol", "proxy_from", "dmarc"})
             addr = self.string(entry, "address", f"{key}.address", "")
             host, port = self.host_port(addr, f"{key}.address")
             mode = self.enum(entry, "mode", f"{key}.mode", ListenMode, ListenMode.MX)
             proxy = self.boolean(entry, "proxy_protocol", f"{key}.proxy_protocol", False)
-            result.append(Listener(host, port, mode, proxy))
+            dmarc = None  # this listener's DMARC policy; when absent, [mailauth] dmarc
+            if "dmarc" in entry:
+                dmarc = self.enum(entry, "dmarc", f"{key}.dmarc", DmarcMode, DmarcMode.ENFORCE)
+            result.append(Listener(host, port, mode, proxy, self.proxy_from(entry, key, proxy, mode), dmarc))
         seen: set[tuple[str, int]] = set()
         for i, lst in enumerate(result):
             if (lst.host, lst.port) in seen:
                 raise self.fail(f"listen[{i}].address", f"{lst.address} is listed twice")
             seen.add((lst.host, lst.port))
         return tuple(result)
+
+    def proxy_from(
+        self, entry: dict[str, Any], key: str, proxy: bool, mode: ListenMode
+    ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """Who may send a PROXY header: loopback unless listed (a remote balancer must be named)."""
+        if not proxy:
+            if "proxy_from" in entry:
+                raise self.fail(f"{key}.proxy_from", "is set but proxy_protocol is not true")
+            return ()
+        if mode is ListenMode.SUBMISSIONS:  # the header would come before the TLS handshake
+            raise self.fail(f"{key}.proxy_protocol", "is not supported on submissions (implicit TLS)",
+                            "mx, submission or lmtp listeners")
+        names = self.strings(entry, "proxy_from", f"{key}.proxy_from") if "proxy_from" in entry else (
+            "127.0.0.0/8", "::1/128")
+        if not names:
+            raise self.fail(f"{key}.proxy_from", "is empty: no load balancer could connect")
+        nets = []
+        for i, n in enumerate(names):
+            try:
+                nets.append(ipaddress.ip_network(n, strict=False))
+            except ValueError:
+                raise self.fail(f"{key}.proxy_from[{i}]", f"{n!r} is not a network",
+                                '"10.0.0.5/32", "::1/128"') from None
+        return tuple(nets)
 
     def host_port(self, value: str, key: str) -> tuple[str, int]:
         m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
@@ -177,14 +204,22 @@ class _Reader(ValueReader):
         return host, port
 
     def queue(self, data_dir: Path) -> QueueConfig:
-        t = self.table(self.doc, "queue", "queue", {"url", "inline_body_limit"})
+        t = self.table(
+            self.doc, "queue", "queue", {"url", "inline_body_limit", "keep_history", "node", "pool_size"}
+        )
         url = self.string(t, "url", "queue.url", "sqlite:")
         inline = self.size(t, "inline_body_limit", "queue.inline_body_limit", 256 * 1024)
+        keep = self.duration(t, "keep_history", "queue.keep_history", 7 * 86400.0)
         if url.startswith("sqlite:"):
             rest = url[len("sqlite:") :]
-            return QueueConfig(url, self.path(rest) if rest else data_dir / "queue.db", inline)
+            path = self.path(rest) if rest else data_dir / "queue.db"
+            return QueueConfig(url, path, inline, keep_history=keep)
         if url.startswith(("postgresql://", "postgres://")):
-            return QueueConfig(url, None, inline)
+            node = self.string(t, "node", "queue.node", "") or _default_node(data_dir)
+            if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", node):
+                raise self.fail("queue.node", f"{node!r} is not a node name", "1..64 of A-Z a-z 0-9 . _ : -")
+            pool = self.integer(t, "pool_size", "queue.pool_size", 10, 2, 1000)
+            return QueueConfig(url, None, inline, keep_history=keep, node=node, pool_size=pool)
         raise self.fail(
             "queue.url",
             f"{url!r} is not a queue URL",
@@ -402,15 +437,35 @@ class _Reader(ValueReader):
         return tuple(keys)
 
     def mailauth(self) -> MailauthConfig:
-        t = self.table(self.doc, "mailauth", "mailauth", {"dmarc"})
-        return MailauthConfig(self.enum(t, "dmarc", "mailauth.dmarc", DmarcMode, DmarcMode.ENFORCE))
+        t = self.table(self.doc, "mailauth", "mailauth", {"dmarc", "checks", "max_verify_size"})
+        d = MailauthConfig()
+        return MailauthConfig(
+            dmarc=self.enum(t, "dmarc", "mailauth.dmarc", DmarcMode, d.dmarc),
+            checks=self.boolean(t, "checks", "mailauth.checks", d.checks),
+            max_verify_size=self.size(t, "max_verify_size", "mailauth.max_verify_size", d.max_verify_size),
+        )
 
     def admin(self) -> AdminConfig:
         t = self.table(self.doc, "admin", "admin", {"address", "token_file"})
         address = self.string(t, "address", "admin.address", "127.0.0.1:8025")
-        if address:
-            self.host_port(address, "admin.address")
         token = self.string(t, "token_file", "admin.token_file", "")
+        if address:  # "" = no admin server
+            host, _ = self.host_port(address, "admin.address")
+            if not token and not _is_loopback_host(host):
+                raise self.fail(
+                    "admin.token_file",
+                    f"is required: admin.address {address} is not a loopback address, and the API "
+                    "can hold, delete and read mail",
+                    "a file whose first line is the bearer token, or a 127.0.0.1/[::1] address",
+                )
+        if token:  # read by the admin server at start; checked here so that a typo exits 2
+            try:
+                with open(self.path(token), encoding="utf-8") as f:
+                    if len(f.readline().strip()) < 16:
+                        reason = f"{token}: the first line must hold the token (16+ characters)"
+                        raise self.fail("admin.token_file", reason)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise self.fail("admin.token_file", f"cannot read {token}: {exc}") from None
         return AdminConfig(address, self.path(token) if token else None)
 
     def smtp(self) -> SmtpConfig:
@@ -461,7 +516,28 @@ class _Reader(ValueReader):
             self.warnings.append("no [[listen]] entries: Gannet will accept no mail")
 
 
+def _default_node(data_dir: Path) -> str:
+    """`[queue] node` when not set: the host name and a hash of the data directory,
+    stable across restarts (a restarted node must find its own leases) and
+    distinct for two nodes on one host (each has its own data_dir)."""
+    import hashlib
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname().split(".")[0])[:40] or "node"
+    return f"{host}-{hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]}"
+
+
 def _replace_warnings(cfg: Config, warnings: tuple[str, ...]) -> Config:
     import dataclasses
 
     return dataclasses.replace(cfg, warnings=warnings)
+
+
+def _is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or "localhost": only this machine can reach the admin server."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything

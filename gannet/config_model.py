@@ -45,7 +45,10 @@ class Listener:
     host: str
     port: int
     mode: ListenMode
-    proxy_protocol: bool = False
+    proxy_protocol: bool = False  # a PROXY header (v1 or v2) comes first on every connection
+    # Who may send that header (the load balancers); anyone else is dropped at connect.
+    proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    dmarc: DmarcMode | None = None  # this listener's DMARC policy; None = [mailauth] dmarc
 
     @property
     def address(self) -> str:
@@ -57,6 +60,11 @@ class QueueConfig:
     url: str = "sqlite:"
     sqlite_path: Path | None = None  # resolved from url "sqlite:" / "sqlite:PATH"
     inline_body_limit: int = 256 * 1024  # bodies above this are spooled to a file while arriving
+    keep_history: float = 7 * 86400.0  # a finished message's trace is kept this long (seconds)
+    # PostgreSQL: this node's name among those sharing the queue (lease owners are
+    # "NODE/agent"); default hostname-HASH of data_dir. "" with SQLite (one node).
+    node: str = ""
+    pool_size: int = 10  # PostgreSQL: connections per process (the server and its delivery worker)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +130,8 @@ class DkimKey:
 @dataclass(frozen=True, slots=True)
 class MailauthConfig:
     dmarc: DmarcMode = DmarcMode.ENFORCE
+    checks: bool = True  # SPF/DKIM/DMARC/ARC on mx listeners for untrusted, unauthenticated clients
+    max_verify_size: int = 10 * 1024 * 1024  # larger messages are not loaded for DKIM/ARC (nor signed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,7 +69,7 @@ def _clean(value: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _emit(queue_id: str, fields: dict[str, object], tail: str = "") -> None:
+def _emit(queue_id: str, fields: dict[str, object], tail: str = "", *, event: str = "") -> None:
     if _sink is None and not log.isEnabledFor(logging.INFO):
         return
     body = ", ".join(f"{k}={_clean(v)}" for k, v in fields.items() if v not in (None, ""))
@@ -79,13 +79,15 @@ def _emit(queue_id: str, fields: dict[str, object], tail: str = "") -> None:
     if _sink is not None:
         _sink(line)
     elif _structured:
-        log.info(line, extra={"gannet_fields": {"queue_id": queue_id, **fields, "detail": tail}})
+        # `event` names the line's kind for log shippers (connect, reject, queued, sent …).
+        extra = {"event": event, "queue_id": queue_id, **fields, "detail": tail}
+        log.info(line, extra={"gannet_fields": extra})
     else:
         log.info(line)
 
 
 def connect(session_id: str, client: str, listener: str) -> None:
-    _emit("", {"connect from": client, "listener": listener, "session": session_id})
+    _emit("", {"connect from": client, "listener": listener, "session": session_id}, event="connect")
 
 
 def disconnect(session_id: str, client: str, counts: dict[str, int], seconds: float) -> None:
@@ -93,6 +95,7 @@ def disconnect(session_id: str, client: str, counts: dict[str, int], seconds: fl
     _emit(
         "",
         {"disconnect from": client, "session": session_id, "commands": summary, "duration": f"{seconds:.2f}"},
+        event="disconnect",
     )
 
 
@@ -111,11 +114,15 @@ def rejected(
     if recipient is not None:
         fields["to"] = f"<{recipient}>"
     fields["reply"] = reply
-    _emit("", fields, reason)
+    _emit("", fields, reason, event="reject")
 
 
 def auth_failed(session_id: str, client: str, username: str, mechanism: str) -> None:
-    _emit("", {"auth failed": username, "mechanism": mechanism, "client": client, "session": session_id})
+    _emit(
+        "",
+        {"auth failed": username, "mechanism": mechanism, "client": client, "session": session_id},
+        event="auth_failed",
+    )
 
 
 def queued(
@@ -142,6 +149,7 @@ def queued(
             "message-id": message_id,
         },
         "queued",
+        event="queued",
     )
 
 
@@ -159,6 +167,7 @@ def delivered(
             "status": "sent",
         },
         detail,
+        event="sent",
     )
 
 
@@ -182,7 +191,7 @@ def deferred(
     }
     if retry_in is not None:
         fields["retry_in"] = f"{retry_in:.0f}s"
-    _emit(queue_id, fields, reason)
+    _emit(queue_id, fields, reason, event="deferred")
 
 
 def bounced(
@@ -199,11 +208,12 @@ def bounced(
             "status": "bounced",
         },
         reason,
+        event="bounced",
     )
 
 
 def removed(queue_id: str, reason: str = "removed") -> None:
-    _emit(queue_id, {}, reason)
+    _emit(queue_id, {}, reason, event="removed")
 
 
 class JsonFormatter(logging.Formatter):

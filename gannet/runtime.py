@@ -22,11 +22,15 @@ import sys
 import time
 
 from gannet import config as config_mod
+from gannet import metrics
 from gannet.clock import SystemClock
 from gannet.config import Config, ConfigError
+from gannet.mailauth import checks as mailauth_checks
+from gannet.mailauth.signing import Signer
 from gannet.policy.accounts import AccountsError, AccountsFile
 from gannet.policy.recipients import RecipientTable
-from gannet.queue.sqlite import SqliteStore
+from gannet.queue.configured import Opener, make_store
+from gannet.queue.model import QueueError
 from gannet.queue.store import QueueStore
 from gannet.server.auth import PasswordVerifier
 from gannet.server.listener import Listeners
@@ -39,15 +43,10 @@ SHUTDOWN_GRACE = 30.0
 
 
 def open_store(config: Config) -> QueueStore:
-    if config.queue.sqlite_path is None:
-        raise ConfigError(
-            config.file, "queue.url", "the PostgreSQL store is not available in this version", '"sqlite:"'
-        )
-    # Leases are the delivery worker's to release (delivery/worker.py), once it
-    # holds the worker lock, i.e. once any previous worker has really exited.
-    return SqliteStore(
-        config.queue.sqlite_path, spool_dir=config.data_dir / "spool", release_leases_on_open=False
-    )
+    """SQLite or PostgreSQL per `[queue] url`, opened as the server: crash recovery,
+    schema migration (PostgreSQL: under an advisory lock, so nodes that start
+    together take turns); leases are left to the delivery worker."""
+    return make_store(config.queue, config.data_dir, Opener.SERVER)
 
 
 class Server:
@@ -68,13 +67,25 @@ class Server:
         _raise_open_files_limit(config.smtp.max_sessions)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         (config.data_dir / "spool").mkdir(exist_ok=True)
+        # Before the delivery worker starts: it inherits the metrics directory (gannet/metrics.py).
+        try:
+            metrics.start_server_process(
+                config.data_dir / "metrics", (*config.relay.local_domains, *config.relay.relay_domains)
+            )
+        except metrics.DirectoryBusy as exc:
+            raise ConfigError(config.file, "data_dir", str(exc)) from None
         store = open_store(config)
-        await store.open()
+        try:
+            await store.open()
+        except QueueError as exc:  # the database is unreachable, or newer than this Gannet
+            log.error("cannot open the queue: %s", exc)
+            return 1
         try:
             return await self._run_with_store(store)
         finally:
-            if isinstance(store, SqliteStore):
-                log.info("server queue writer: %s", store.stats.summary())
+            stats = getattr(store, "stats", None)  # SqliteStore and PostgresStore writer counters
+            if stats is not None:
+                log.info("server queue writer: %s", stats.summary())
             await store.close()
 
     async def _run_with_store(self, store: QueueStore) -> int:
@@ -90,10 +101,25 @@ class Server:
             tls_context=tls,
             clock=self.clock,
             on_enqueued=delivery.wake,
+            mailauth=mailauth_checks.from_config(config, self.clock),
+            signer=Signer.from_config(config),  # ConfigError (unreadable key) → exit 2
         )
         services.refresh_recipients = self._current_table
         self.services = services
         listeners = Listeners(services)
+        admin = None
+        if config.admin.address:  # first: a port in use ends the start before a worker is spawned
+            from gannet.admin.http import AdminServer  # prometheus_client: only after metrics set it up
+
+            admin = AdminServer(
+                config.admin,
+                store,
+                self.clock,
+                wake_delivery=delivery.wake,
+                hostname=config.hostname,
+                config_file=config.file,
+            )
+            await admin.start()
         await delivery.start()
         await listeners.start()
         self.listeners = listeners
@@ -106,6 +132,8 @@ class Server:
         log.info("stopping: no new connections; letting sessions finish (up to %.0fs)", SHUTDOWN_GRACE)
         await listeners.stop(SHUTDOWN_GRACE)
         await delivery.stop(SHUTDOWN_GRACE)
+        if admin is not None:
+            await admin.stop()
         log.info("stopped")
         return 0
 
@@ -122,12 +150,18 @@ class Server:
             new = config_mod.load(self.config.file)
             tls = server_context(new.tls, new.file)
             table = self._table(new)
+            signer = Signer.from_config(new)
         except (ConfigError, AccountsError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
         changed = _changed_sections(self.config, new)
+        self.services.signer = signer
+        if {"mailauth", "dns", "hostname"} & set(changed):  # else keep the checks' DNS cache
+            self.services.mailauth = mailauth_checks.from_config(new, self.clock)
         if new.listen != self.config.listen:
             log.warning("reload: [[listen]] changes take effect only after a restart")
+        if new.admin != self.config.admin:
+            log.warning("reload: [admin] changes take effect only after a restart")
         self.config = new
         self.services.config = new
         self.services.recipients = table

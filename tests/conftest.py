@@ -16,6 +16,9 @@
 - ``postfix``, ``dovecot``, ``smtp_sink``, ``dns_server``: factories for
   PostfixInstance, DovecotImap, SmtpSink and DnsServer (dnsmasq), each in its
   own directory under tmp_path.
+- ``haproxy``: a factory for HAProxy (``servers=[...]``, ``send_proxy="v2"``).
+- ``postgres_server`` (session): one PostgreSQL (peers.PostgresServer);
+  ``postgres_url``: a fresh schema in it for one test, as a queue URL.
 
 Every process a factory starts is stopped when the test ends, whatever its
 outcome. A missing program skips the test with the reason (fails it in CI).
@@ -137,3 +140,27 @@ def smtp_sink(tmp_path: Path) -> Iterator[Callable[..., peers.SmtpSink]]:
 @pytest.fixture
 def dns_server(tmp_path: Path) -> Iterator[Callable[..., peers.DnsServer]]:
     yield from _peer_factory(tmp_path, "dns-work", peers.DnsServer, peers.DnsServer.close)
+
+
+@pytest.fixture
+def haproxy(tmp_path: Path) -> Iterator[Callable[..., peers.HAProxy]]:
+    yield from _peer_factory(tmp_path, "haproxy-work", peers.HAProxy, peers.HAProxy.stop)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.PostgresServer]:
+    """One PostgreSQL for the whole session (started on first use; initdb takes seconds).
+    Tests get a fresh schema each from ``postgres_url``, or a database of their own
+    with ``postgres_server.create_database(name)``."""
+    server = peers.PostgresServer(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.close()
+
+
+_schemas = itertools.count(1)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: peers.PostgresServer) -> str:
+    """The URL of a fresh, empty schema for this test (milliseconds, not a database)."""
+    return postgres_server.create_schema(f"test_{next(_schemas)}")

@@ -16,7 +16,9 @@ tests/conftest.py) and by bench/ (imported directly). It starts:
 - a TCP server that never greets (``BlackHole``), for greeting timeouts;
 - swaks (``swaks``);
 - dnsmasq (``DnsServer``) serving MX/A/AAAA/TXT/PTR records given as
-  Python data, with NXDOMAIN and SERVFAIL on demand.
+  Python data, with NXDOMAIN and SERVFAIL on demand;
+- HAProxy (``HAProxy``) in TCP mode on 127.0.0.8 in front of Gannet nodes,
+  with ``send-proxy`` / ``send-proxy-v2`` and health checks.
 
 Rules this module keeps:
 
@@ -93,8 +95,9 @@ SEARCH_DIRS = ("/usr/sbin", "/sbin", "/usr/lib/postfix/sbin", "/usr/lib/dovecot"
 PACKAGES = {
     "postfix": "postfix", "postconf": "postfix", "smtp-source": "postfix", "smtp-sink": "postfix",
     "postqueue": "postfix", "swaks": "swaks", "dovecot": "dovecot-imapd", "doveadm": "dovecot-core",
-    "dnsmasq": "dnsmasq", "opendkim-testkey": "opendkim-tools", "haproxy": "haproxy",
-    "initdb": "postgresql", "pg_ctl": "postgresql",
+    "dnsmasq": "dnsmasq", "opendkim-testkey": "opendkim-tools", "haproxy": "haproxy", "opendkim": "opendkim",
+    "initdb": "postgresql", "pg_ctl": "postgresql", "chromium": "chromium",
+    "bsd-mailx": "bsd-mailx", "systemd-analyze": "systemd",
 }
 
 
@@ -512,6 +515,7 @@ class GannetProcess:
         self.env = env
         self.startup_timeout = startup_timeout
         self.nofile = nofile
+        self.serve_args: list[str] = []  # more `gannet serve` options, e.g. ["--log-format", "json"]
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
         if start:
@@ -525,7 +529,8 @@ class GannetProcess:
         nofile = self.nofile
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gannet", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "gannet", "serve", "--config", str(self.config_path),
+                 *self.serve_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
                 env=_gannet_env(self.env), start_new_session=True,
                 preexec_fn=(lambda: raise_nofile(nofile)) if nofile else None)
@@ -1137,6 +1142,32 @@ def smtp_source(target: str, *, messages: int, sessions: int = 1, keep_connectio
     return result
 
 
+# --------------------------------------------------------------------------- OpenDKIM
+
+
+def opendkim_sign(workdir: Path, message: bytes, *, domain: str, selector: str, key_file: Path,
+                  algorithm: str = "rsa-sha256", canonicalization: str = "relaxed/simple") -> bytes:
+    """``message`` signed by OpenDKIM itself: the ``opendkim`` filter in test mode (``-t``),
+    which signs as the milter would and prints the header it would insert. (OpenDKIM's
+    ``opendkim-testmsg`` signs only with rsa-sha1, which RFC 8301 forbids verifiers to accept.)
+    ``algorithm``: rsa-sha256 or ed25519-sha256 (an Ed25519 key as PKCS#8 PEM)."""
+    program = need("opendkim")
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf, msg = workdir / f"opendkim-{selector}.conf", workdir / f"opendkim-{selector}.eml"
+    conf.write_text(f"Domain {domain}\nSelector {selector}\nKeyFile {key_file}\n"
+                    f"SignatureAlgorithm {algorithm}\nCanonicalization {canonicalization}\n"
+                    "Mode s\nSyslog no\nRequireSafeKeys no\n")
+    msg.write_bytes(message)
+    done = subprocess.run([program, "-x", str(conf), "-t", str(msg), "-vv"], capture_output=True, timeout=60,
+                          check=False)
+    out = (done.stdout + done.stderr).decode("utf-8", "replace")
+    m = re.search(r"### INSHEADER: idx=\d+ hname='([^']+)' hvalue='([^']*)'", out)
+    if m is None:
+        raise PeerError(f"opendkim did not sign (exit {done.returncode}):\n{out[-2000:]}")
+    value = m.group(2).replace("\r\n", "\n").replace("\n", "\r\n")
+    return f"{m.group(1)}: {value}\r\n".encode() + message
+
+
 # --------------------------------------------------------------------------- swaks
 
 
@@ -1361,6 +1392,154 @@ class DovecotImap:
         self.close()
 
 
+# --------------------------------------------------------------------------- PostgreSQL
+
+POSTGRES_HOST = "127.0.0.32"  # PostgresServer's loopback address
+POSTGRES_USER = "gannet"  # the superuser initdb creates; trusted on the socket and on loopback
+
+
+def postgres_bin(program: str) -> str:
+    """A PostgreSQL server program (initdb, postgres, pg_ctl): Debian keeps them in
+    /usr/lib/postgresql/VERSION/bin, off PATH; the newest version wins."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
+                      if p.parent.name.isdigit() else 0)
+    for directory in reversed(versions):
+        if (directory / program).exists():
+            return str(directory / program)
+    return need(program)
+
+
+class PostgresServer:
+    """A private PostgreSQL: ``initdb`` into ``workdir/postgres/data``, the
+    postmaster on ``POSTGRES_HOST:port`` (a free port) and on a unix socket in
+    ``workdir/postgres``, trust authentication for ``POSTGRES_USER``.
+
+    PostgreSQL refuses to run as root, so as root (the CI machine) the server runs
+    as ``nobody``: its directory is a fresh ``/tmp/gannet-postgres-XXXX``
+    (``_PrivateRoot``, always in /tmp so that the socket path stays short) handed
+    to that user. As any other user it simply runs as that user. ``settings``
+    are passed as ``-c name=value`` (e.g. ``{"fsync": "off"}`` for unit tests that
+    do not test durability; the default keeps PostgreSQL's durable defaults).
+    ``create_database(name)`` makes an empty database (from template0) for one test.
+    """
+
+    def __init__(self, workdir: Path, *, settings: Mapping[str, str] | None = None,
+                 start: bool = True) -> None:
+        self.initdb, self.postgres = postgres_bin("initdb"), postgres_bin("postgres")
+        self.root = _PrivateRoot(Path(workdir), "postgres", force_tmp=True)
+        self.data = self.root.path / "data"
+        self.log_path = self.root.path / "postgres.log"
+        self.host, self.port = POSTGRES_HOST, free_port(POSTGRES_HOST)
+        self.settings = {"max_connections": "200", "shared_buffers": "128MB", **(settings or {})}
+        self.as_user = "nobody" if os.geteuid() == 0 else None
+        self.proc: subprocess.Popen[bytes] | None = None
+        if start:
+            self.start()
+
+    def _run_as(self) -> dict[str, Any]:
+        if self.as_user is None:
+            return {}
+        pw = pwd.getpwnam(self.as_user)
+        return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+    def start(self) -> None:
+        if not self.data.exists():
+            if self.as_user is not None:
+                pw = pwd.getpwnam(self.as_user)
+                os.chown(self.root.path, pw.pw_uid, pw.pw_gid)
+            self.root.path.chmod(0o700 if self.as_user is None else 0o755)
+            done = subprocess.run(
+                [self.initdb, "-D", str(self.data), "-U", POSTGRES_USER, "--auth=trust", "-E", "UTF8",
+                 "--locale=C", "--no-sync"],
+                capture_output=True, text=True, cwd="/", env=self._env(), **self._run_as())
+            if done.returncode != 0:
+                raise PeerError(f"initdb failed ({done.returncode}): {done.stderr or done.stdout}")
+        args = [self.postgres, "-D", str(self.data), "-k", str(self.root.path), "-h", self.host,
+                "-p", str(self.port)]
+        for name, value in self.settings.items():
+            args += ["-c", f"{name}={value}"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd="/", env=self._env(), start_new_session=True, **self._run_as())
+        wait_port(self.host, self.port, 30, proc=self.proc, what="postgres")
+        wait_for(self._ready, 30, f"postgres to accept connections (log: {self.log_path})")
+
+    def _ready(self) -> bool:
+        """Accepting connections: a listening socket is not enough while it starts up."""
+        import psycopg
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise PeerError(f"postgres exited with status {self.proc.returncode}: {self.log_text()[-2000:]}")
+        try:
+            psycopg.connect(self.url(), connect_timeout=5).close()
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    def _env(self) -> dict[str, str]:
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C", "HOME": str(self.root.path)}
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root.path
+
+    def url(self, database: str = "postgres", *, tcp: bool = False, schema: str | None = None) -> str:
+        """``postgresql://`` URL of ``database``: over the unix socket, or TCP with ``tcp=True``;
+        with ``schema``, every connection works in that schema (``search_path``)."""
+        if tcp:
+            url = f"postgresql://{POSTGRES_USER}@{self.host}:{self.port}/{database}"
+        else:
+            url = f"postgresql://{POSTGRES_USER}@/{database}?host={self.socket_dir}&port={self.port}"
+        if schema is not None:
+            url += ("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}"
+        return url
+
+    def sql(self, statement: str, database: str = "postgres") -> list[tuple[Any, ...]]:
+        """Run one statement in autocommit mode; the rows it returns (if any)."""
+        import psycopg
+
+        with psycopg.connect(self.url(database), autocommit=True) as conn:
+            cur = conn.execute(statement)  # type: ignore[arg-type]  (test-supplied SQL)
+            return cur.fetchall() if cur.description else []
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database; returns its URL (over the unix socket). Takes 0.1 to 0.3 s."""
+        self.sql(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        return self.url(name)
+
+    def create_schema(self, name: str, database: str = "postgres") -> str:
+        """A new, empty schema in ``database``; returns a URL whose connections use only
+        it. Takes milliseconds: what tests that each need a fresh queue use."""
+        self.sql(f'CREATE SCHEMA "{name}"', database)
+        return self.url(database, schema=name)
+
+    def log_text(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT: roll back open transactions, checkpoint, exit)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self.root.remove(keep=("postgres.log",))
+
+    def __enter__(self) -> PostgresServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------- dnsmasq
 
 DNS_HOST = "127.0.0.53"  # DnsServer's loopback address (not a systemd-resolved stub: the port is ours)
@@ -1468,12 +1647,14 @@ class DnsServer:
     """
 
     def __init__(self, workdir: Path, *, address: str = DNS_HOST, records: DnsRecords | None = None,
-                 servfail: Sequence[str] = (), ttl: int = 300, start: bool = True) -> None:
+                 servfail: Sequence[str] = (), ttl: int = 300, start: bool = True,
+                 port: int | None = None) -> None:
         self.program = need("dnsmasq")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = address
-        self.port = free_udp_tcp_port(address)
+        # port=53 serves programs that only read /etc/resolv.conf (tests/interop/test_dkim_sign.py)
+        self.port = port or free_udp_tcp_port(address)
         self.ttl = ttl
         self.records: dict[str, dict[str, list[Any]]] = {}
         self.servfail = tuple(servfail)
@@ -1594,6 +1775,107 @@ class DnsServer:
     close = stop
 
     def __enter__(self) -> DnsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- HAProxy
+
+HAPROXY_HOST = "127.0.0.8"  # HAProxy's frontend address
+
+HAPROXY_CFG = """\
+# written by tests/peers.py HAProxy
+global
+    pidfile {pidfile}
+    maxconn 4000
+    log stdout format raw local0 info
+defaults
+    mode tcp
+    log global
+    option tcplog
+    option redispatch
+    retries 3
+    timeout connect 2s
+    timeout client 5m
+    timeout server 5m
+    timeout check 2s
+frontend smtp
+    bind {host}:{port}
+    default_backend gannet
+backend gannet
+    balance {balance}
+{servers}"""
+
+
+class HAProxy:
+    """HAProxy in TCP mode on ``HAPROXY_HOST``, balancing over ``servers`` (``host:port``).
+
+    ``send_proxy``: ``"v2"`` (``send-proxy-v2``), ``"v1"`` (``send-proxy``) or
+    ``None`` (no header). ``check=True`` adds a health check every 500 ms
+    (``option smtpchk``: the greeting and a HELO must get 2xx; two failures mark a
+    server down, one success up again), so a killed node leaves the rotation;
+    its connections in flight are retried on another (``option redispatch``).
+    Runs in the foreground (``-db``) with its config, pid file and log
+    (``haproxy.log``: one line per connection, ``option tcplog``) in
+    ``workdir``; ``stop()`` sends SIGTERM and waits.
+    """
+
+    def __init__(self, workdir: Path, *, servers: Sequence[str], send_proxy: str | None = "v2",
+                 balance: str = "roundrobin", check: bool = False, listen: str | None = None,
+                 start: bool = True) -> None:
+        self.program = need("haproxy")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host, self.port = split_address(listen or f"{HAPROXY_HOST}:{free_port(HAPROXY_HOST)}")
+        flags = {"v2": " send-proxy-v2", "v1": " send-proxy", None: ""}[send_proxy]
+        checks = " check inter 500ms fall 2 rise 1" if check else ""
+        lines = [f"    server node{i + 1} {s}{flags}{checks}" for i, s in enumerate(servers)]
+        if check:
+            lines.insert(0, "    option smtpchk HELO haproxy.test")
+        self.config_path = self.workdir / "haproxy.cfg"
+        self.pid_path = self.workdir / "haproxy.pid"
+        self.log_path = self.workdir / "haproxy.log"
+        self.config_path.write_text(HAPROXY_CFG.format(
+            pidfile=self.pid_path, host=self.host, port=self.port, balance=balance,
+            servers="\n".join(lines) + "\n"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        check = subprocess.run([self.program, "-c", "-f", str(self.config_path)], capture_output=True,
+                               text=True, timeout=30, check=False)
+        if check.returncode != 0:
+            raise PeerError(f"haproxy -c refused {self.config_path}:\n{check.stdout}{check.stderr}")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([self.program, "-db", "-f", str(self.config_path)],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        try:
+            wait_port(self.host, self.port, 15, proc=self.proc, what="haproxy")
+        except PeerError as exc:
+            self.stop()
+            raise PeerError(f"{exc}\n--- haproxy.log ---\n{self.log_text()[-3000:]}") from None
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def log_text(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _terminate(self.proc, 10)
+            self.proc = None
+
+    close = stop
+
+    def __enter__(self) -> HAProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:

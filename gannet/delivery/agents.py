@@ -23,6 +23,7 @@ from gannet.delivery.scheduler import Scheduler
 from gannet.delivery.sweep import Sweep
 from gannet.policy.accounts import AccountsFile
 from gannet.policy.recipients import RecipientTable
+from gannet.queue.configured import owner_name
 from gannet.queue.model import Transport
 from gannet.queue.store import QueueStore
 
@@ -47,6 +48,12 @@ class Agents:
     def wake(self) -> None:
         self.local.wake()
         self.remote.wake()
+
+    def flush(self) -> None:
+        """The postmaster asked for it (`gannet queue retry`): dead destinations are
+        tried again (one probing connection first) and everything looks now."""
+        for agent in (self.local, self.remote):
+            agent.flush() if isinstance(agent, Scheduler) else agent.wake()
 
 
 class LmtpRoute:
@@ -129,7 +136,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
     remote = Scheduler(
         store,
         transport=Transport.SMTP,
-        owner=SMTP_OWNER,
+        owner=owner_name(config.queue, SMTP_OWNER),
         router=router,
         options=options,
         delivery=config.delivery,
@@ -143,7 +150,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
         local = Scheduler(
             store,
             transport=Transport.LOCAL,
-            owner=LMTP_OWNER,
+            owner=owner_name(config.queue, LMTP_OWNER),
             router=LmtpRoute(config.mailboxes.lmtp, resolver),
             options=options,
             delivery=config.delivery,
@@ -159,7 +166,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
             maildir_template=config.mailboxes.maildir,
             delivery=config.delivery,
             clock=clock,
-            owner=LOCAL_OWNER,
+            owner=owner_name(config.queue, LOCAL_OWNER),
             gather=GATHER,
             batch_sync=config.delivery.maildir_sync == "batch",
             bounces=bounces,
@@ -173,6 +180,8 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
         clock=clock,
         bounces=bounces,
         interval=config.delivery.sweep_interval,
+        keep_history=config.queue.keep_history,
         on_released=wake,
+        owner=owner_name(config.queue, SWEEP_OWNER),
     )
     return Agents(local=local, remote=remote, sweep=sweep, bounces=bounces)

@@ -129,6 +129,7 @@ class Bounces:
                 smtputf8=report.smtputf8,
                 client="gannet (delivery status notification)",
                 message_id=f"<{queue_id}.dsn@{self._hostname}>",
+                report_for=claim.queue_id,
             )
         ]
 

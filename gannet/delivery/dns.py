@@ -67,6 +67,7 @@ from dns.rdtypes.ANY.PTR import PTR
 from dns.rdtypes.ANY.SOA import SOA
 from dns.rdtypes.ANY.TXT import TXT
 
+from gannet import metrics
 from gannet.clock import Clock, SystemClock
 
 MAX_POSITIVE_TTL = 86_400.0
@@ -279,8 +280,16 @@ class Resolver:
 
     async def txt(self, name: str) -> list[str]:
         """Each TXT record's strings joined (RFC 7208 §3.3); [] on NODATA or NXDOMAIN."""
-        answer = await self._lookup(name, dns.rdatatype.TXT)
-        return [b"".join(cast(TXT, r).strings).decode("utf-8", "replace") for r in answer.rdatas]
+        return _txt_strings(await self._lookup(name, dns.rdatatype.TXT))
+
+    def cached_txt(self, name: str) -> list[str] | None:
+        """What `txt(name)` would return when its answer is cached and fresh, else None.
+
+        Synchronous: no query, no task. The inbound checks ask this first, so a
+        message whose records are all cached costs no trip through the event loop.
+        """
+        answer = self._cached(name, int(dns.rdatatype.TXT))
+        return None if answer is None else _txt_strings(answer)
 
     async def ptr(self, ip: str) -> list[str]:
         """Names that `ip` maps back to (for FCrDNS); [] on NODATA or NXDOMAIN.
@@ -297,7 +306,27 @@ class Resolver:
 
     # ------------------------------------------------------------------ cache and queries
 
+    def _cached(self, name: str, rdtype: int) -> _Answer | None:
+        """The fresh cached answer, found by the name's text alone.
+
+        Building a dnspython Name costs more than the rest of a cache hit, so
+        this looks the name up as written (stripped, lowercased, no final dot).
+        That text equals the cache key whenever the name is in its usual
+        spelling; for any other (escapes, IDNA) it simply misses, and
+        `_lookup` finds the entry through the Name. It can never find a wrong
+        entry: a key is the text of its Name, and that text reads back as
+        that same Name.
+        """
+        entry = self._cache.get((name.strip().rstrip(".").lower(), rdtype))
+        if entry is None or entry.expires <= self._clock.monotonic():
+            return None  # an expired entry is removed by `_lookup`
+        self.stats.cache_hits += 1
+        return entry.answer
+
     async def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:
+        cached = self._cached(name, int(rdtype))
+        if cached is not None:
+            return cached
         qname = to_dns_name(name)
         key = (_text(qname), int(rdtype))
         entry = self._cache.get(key)
@@ -321,13 +350,17 @@ class Resolver:
     ) -> _Answer:
         start = self._clock.monotonic()
         self.stats.lookups += 1
+        failed = False
         try:
             answer, ttl = await self._query(qname, rdtype)
         except DnsError:
             self.stats.failures += 1
+            failed = True
             raise
         finally:
-            self.stats.seconds += self._clock.monotonic() - start
+            elapsed = self._clock.monotonic() - start
+            self.stats.seconds += elapsed
+            metrics.dns_lookup(dns.rdatatype.to_text(rdtype), elapsed, ok=not failed)
             self._inflight.pop(key, None)
         if ttl > 0:
             self._store(key, _Entry(answer, self._clock.monotonic() + ttl))
@@ -374,6 +407,10 @@ def _dnspython_resolver(nameservers: Sequence[str], timeout: float) -> dns.async
     resolver.timeout = min(ATTEMPT_TIMEOUT, timeout)
     resolver.lifetime = timeout
     return resolver
+
+
+def _txt_strings(answer: _Answer) -> list[str]:
+    return [b"".join(cast(TXT, r).strings).decode("utf-8", "replace") for r in answer.rdatas]
 
 
 def _text(name: dns.name.Name) -> str:

@@ -127,6 +127,13 @@ class Scheduler(ClaimLoop):
 
     # -- control ----------------------------------------------------------------
 
+    def flush(self) -> None:
+        """Forget which destinations are dead (each is probed again by one
+        connection before full concurrency), then look at the queue now."""
+        for d in self._destinations.values():
+            d.dead_until = 0.0
+        self.wake()
+
     def _stopped(self) -> None:
         self._room.set()
 

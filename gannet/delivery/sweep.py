@@ -12,6 +12,9 @@ Each pass (every `interval`, and once at start):
    `delivery.give_up_after` — whatever its next attempt says, e.g. pushed
    out by a destination's backoff — fails with 4.4.7 and its sender gets the
    failure DSN, in one store transaction per batch.
+3. Old history: messages that left the queue more than `keep_history` ago
+   are forgotten (their `gannet trace`), PRUNE_BATCH per transaction so that
+   the writer is never held for long. The hot path never deletes history.
 
 Held messages are the postmaster's: the sweep leaves them alone. Must never
 raise out of `run()`: a failed pass is logged and tried again next time.
@@ -36,12 +39,14 @@ log = logging.getLogger("gannet.delivery.sweep")
 
 OWNER = "sweep"
 BATCH = 500
+PRUNE_BATCH = 1000
 
 
 @dataclass(slots=True)
 class SweepResult:
     released: int = 0
     expired: int = 0
+    pruned: int = 0
 
 
 class Sweep:
@@ -54,14 +59,18 @@ class Sweep:
         bounces: Bounces | None,
         interval: float = 60.0,
         grace: float = 60.0,
+        keep_history: float | None = None,  # None: never prune (the store keeps everything)
         on_released: Callable[[], None] = lambda: None,  # work became due: wake the delivery loops
+        owner: str = OWNER,  # the lease owner name (agents.py: "NODE/sweep" on a shared queue)
     ) -> None:
+        self._owner = owner
         self._store = store
         self._delivery = delivery
         self._clock = clock
         self._bounces = bounces
         self._interval = interval
         self._grace = grace
+        self._keep_history = keep_history
         self._on_released = on_released
         self._stopping = asyncio.Event()
         self.total = SweepResult()
@@ -93,7 +102,7 @@ class Sweep:
         days = self._delivery.give_up_after / 86400
         while not self._stopping.is_set():
             claims = await self._store.claim_expired(
-                now, received_before=cutoff, limit=BATCH, lease_seconds=300.0, owner=OWNER
+                now, received_before=cutoff, limit=BATCH, lease_seconds=300.0, owner=self._owner
             )
             if not claims:
                 break
@@ -116,6 +125,23 @@ class Sweep:
             if dsns:
                 self._on_released()
             result.expired += len(outcomes)
+        result.pruned = await self._prune(now)
         self.total.released += result.released
         self.total.expired += result.expired
+        self.total.pruned += result.pruned
         return result
+
+    async def _prune(self, now: float) -> int:
+        if self._keep_history is None:
+            return 0
+        pruned = 0
+        while not self._stopping.is_set():
+            n = await self._store.prune_history(now - self._keep_history, limit=PRUNE_BATCH)
+            pruned += n
+            if n < PRUNE_BATCH:
+                break
+            await asyncio.sleep(0)  # let the delivery loops' store calls in between
+        if pruned:
+            log.info("queue sweep: forgot the history of %d message(s) finished over %.0fs ago",
+                     pruned, self._keep_history)
+        return pruned

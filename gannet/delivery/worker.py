@@ -19,6 +19,10 @@ Protocol with the parent (runtime.DeliveryWorker):
 - end-of-file on the pipe means the parent is gone: stop (finish the writes
   in flight, record them, exit), so no worker outlives its server;
 - SIGTERM: the same graceful stop. A config reload restarts the worker.
+- SIGUSR1: flush: forget dead destinations and look at the queue now
+  (`gannet queue retry/release` send it, so that a flush waits neither for
+  the idle timer nor for a destination's backoff); the worker's PID is in
+  `data_dir/delivery.lock`, valid while that file is locked.
 
 One worker per data directory: at start it takes an exclusive lock on
 `data_dir/delivery.lock` (waiting while a predecessor still finishes its last
@@ -37,22 +41,25 @@ import os
 import signal
 from pathlib import Path
 
+from gannet import metrics
 from gannet.clock import SystemClock
 from gannet.config import Config
 from gannet.delivery.agents import OWNERS, build_agents
-from gannet.queue.sqlite import SqliteStore
+from gannet.queue.configured import Opener, make_store, owner_name
 
 log = logging.getLogger("gannet.delivery")
 
 
 async def run_worker(config: Config, wake_fd: int) -> int:
-    if config.queue.sqlite_path is None:
-        raise RuntimeError("the delivery worker needs the SQLite store")
+    if metrics.multiprocess():  # `gannet serve` started us and reads our counts (gannet/metrics.py)
+        metrics.configure((*config.relay.local_domains, *config.relay.relay_domains))
     lock = await _take_worker_lock(config.data_dir / "delivery.lock")
-    store = SqliteStore(config.queue.sqlite_path, spool_dir=config.data_dir / "spool", recover=False)
+    store = make_store(config.queue, config.data_dir, Opener.WORKER)
     await store.open()
     try:
-        for owner in OWNERS:
+        # This node's owner names only ("NODE/agent" on a shared queue): other
+        # nodes' leases are alive, and theirs to release.
+        for owner in (owner_name(config.queue, agent) for agent in OWNERS):
             released = await store.release_leases(owner)
             if released:
                 log.info(
@@ -79,6 +86,7 @@ async def run_worker(config: Config, wake_fd: int) -> int:
         loop.add_reader(wake_fd, on_wake)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(signal.SIGUSR1, agents.flush)
         tasks = [
             asyncio.create_task(agents.local.run(), name="local-delivery"),
             asyncio.create_task(agents.remote.run(), name="remote-delivery"),
@@ -92,7 +100,9 @@ async def run_worker(config: Config, wake_fd: int) -> int:
         await asyncio.gather(*tasks, return_exceptions=True)
         return 0
     finally:
-        log.info("delivery worker queue writer: %s", store.stats.summary())
+        stats = getattr(store, "stats", None)  # SqliteStore and PostgresStore writer counters
+        if stats is not None:
+            log.info("delivery worker queue writer: %s", stats.summary())
         await store.close()
         os.close(lock)  # releases the flock
 
@@ -104,4 +114,6 @@ async def _take_worker_lock(path: Path) -> int:
     except BlockingIOError:
         log.info("delivery worker: waiting for the previous worker to finish (%s)", path)
         await asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd, fcntl.LOCK_EX)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for `gannet queue` to wake us (SIGUSR1)
     return fd

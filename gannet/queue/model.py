@@ -92,6 +92,12 @@ class NewMessage:
     auth_user: str = ""
     message_id: str = ""  # the Message-ID header, for tracing
     held: bool = False
+    # A delivery status notification: the queue ID of the message it reports on
+    # (the store adds a "dsn" event to that message's history).
+    report_for: str = ""
+    # Events to store with the message, e.g. ("check", "spf=pass …") from the
+    # SMTP-time checks; `gannet trace` shows them after "received".
+    events: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +208,49 @@ class QueueFilter:
     state: RecipientState | None = None
     held: bool | None = None
     older_than: float | None = None  # received_at < this
+    newer_than: float | None = None  # received_at >= this
+    # Keyset paging: only messages after this (received_at, queue_id) in list order.
+    after: tuple[float, str] | None = None
     quarantined: bool | None = None
     limit: int | None = None  # at most this many messages (the oldest)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEvent:
+    """One step in a message's life, as `QueueStore.trace` returns it (see store.py
+    for the event names)."""
+
+    at: float
+    queue_id: str
+    recipient: str  # "" for message-level events
+    event: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateCount:
+    """Unfinished recipients in one shown state (`QueueStore.queue_stats`)."""
+
+    state: str  # "queued", "deferred", "delivering", "held" or "quarantined"
+    recipients: int
+    messages: int  # messages with at least one recipient in this state
+    oldest: float  # received_at of the oldest of those messages
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    messages: int  # messages in the queue
+    states: tuple[StateCount, ...]  # only the states that have recipients
+
+
+@dataclass(frozen=True, slots=True)
+class DeferralReason:
+    """Deferred recipients of one destination domain that share a last error."""
+
+    domain: str
+    reason: str
+    recipients: int
+    oldest: float  # received_at of the oldest such message
 
 
 class QueueError(Exception):

@@ -49,15 +49,19 @@ from gannet.queue import sqlite_recovery as recovery
 from gannet.queue import sqlite_views as views
 from gannet.queue.model import (
     Claim,
+    DeferralReason,
     NewMessage,
     QueuedMessageView,
     QueueError,
     QueueFilter,
+    QueueStats,
     RecipientOutcome,
     SpooledBody,
+    TraceEvent,
     Transport,
 )
 from gannet.queue.sqlite_schema import connect
+from gannet.queue.sqlite_stats import StatsReader
 from gannet.queue.sqlite_writer import Job, Writer, WriterStats
 
 log = logging.getLogger("gannet.queue")
@@ -96,6 +100,7 @@ class SqliteStore:
         self._writer: Writer | None = None
         self._closing = False
         self._stats = WriterStats()  # kept across close/open
+        self._reader: StatsReader | None = None  # aggregate reads off the writer (sqlite_stats)
         # Built once: the writer combines consecutive jobs whose `bulk` is the same object.
         self._enqueue_many = partial(ops.enqueue_many, self._ctx)
 
@@ -142,6 +147,9 @@ class SqliteStore:
         writer.stop()  # the thread finishes what was submitted before this
         await asyncio.get_running_loop().run_in_executor(None, writer.join)
         self._writer = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
 
     async def _call(
         self,
@@ -250,6 +258,26 @@ class SqliteStore:
 
     async def delete(self, queue_id: str, now: float) -> None:
         await self._call(ops.delete, (queue_id, now))
+
+    async def queue_stats(self) -> QueueStats:
+        return await self._stats_reader().queue_stats()
+
+    async def deferral_reasons(self, limit: int) -> list[DeferralReason]:
+        return await self._stats_reader().deferral_reasons(limit)
+
+    def _stats_reader(self) -> StatsReader:
+        if self._writer is None or self._closing:
+            raise QueueError("the queue store is not open")
+        if self._reader is None:
+            self._reader = StatsReader(self.path)
+        return self._reader
+
+    async def trace(self, key: str) -> list[TraceEvent]:
+        return await self._call(views.trace, key, durable=False)
+
+    async def prune_history(self, before: float, *, limit: int) -> int:
+        # Not durable on its own: if lost, the next sweep prunes the same rows.
+        return await self._call(ops.prune_history, (before, limit), durable=False)
 
     # --- tests -----------------------------------------------------------------------
 

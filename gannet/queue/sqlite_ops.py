@@ -21,7 +21,8 @@ Recipient transitions (docs/queue.md):
 
 `record` applies an outcome only while the recipient is delivering under the
 lease token the outcome carries (fencing). A message whose recipients are all
-final is removed in the same transaction.
+final is removed in the same transaction; its history stays, with a
+`completed` row, until `prune_history` (store.py "History and trace").
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def _checked_spool_path(ctx: Ctx, m: NewMessage, body: SpooledBody) -> str:
 def enqueue_many(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, batch: list[NewMessage]) -> list[None]:
     """Insert whole messages: one executemany per table for the whole batch."""
     messages, recipients, bodies = [], [], []
+    events: list[tuple[str, float, str, str, str]] = []
     spool_dirs: set[Path] = set()
     for m in batch:
         if not m.recipients:
@@ -122,6 +124,8 @@ def enqueue_many(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, batch: list[NewMe
              r.notify, m.received_at, held)
             for r in m.recipients
         ]  # fmt: skip
+        if m.events or m.report_for:  # rare: checks' results, DSNs
+            events += _enqueue_events(m)
     if spool_dirs:
         _fsync_dirs(spool_dirs)
     try:
@@ -131,9 +135,20 @@ def enqueue_many(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, batch: list[NewMe
     conn.executemany(_INSERT_RECIPIENT, recipients)
     if bodies:
         conn.executemany(_INSERT_BODY, bodies)
-    # No "queued" history row: the messages row says when and from whom, and
+    # No "received" history row: the messages row says when and from whom, and
     # the views derive the event from it (a row fewer on the hot path).
+    if events:
+        conn.executemany(_INSERT_HISTORY, events)
     return [None] * len(batch)
+
+
+def _enqueue_events(m: NewMessage) -> list[tuple[str, float, str, str, str]]:
+    rows = [(m.queue_id, m.received_at, "", event, detail) for event, detail in m.events]
+    if m.report_for:
+        # On the reported message's history (it may have left the queue already).
+        to = ", ".join(f"<{r.address}>" for r in m.recipients)
+        rows.append((m.report_for, m.received_at, "", "dsn", f"report queued as {m.queue_id} to {to}"))
+    return rows
 
 
 def _fsync_dirs(directories: set[Path]) -> None:
@@ -271,7 +286,7 @@ RecordArgs = tuple[Sequence[RecipientOutcome], Sequence[NewMessage]]
 
 def record(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: RecordArgs) -> list[str]:
     outcomes, follow_ups = arg
-    touched: dict[str, None] = {}  # message IDs in first-seen order
+    touched: dict[str, float] = {}  # message ID → its latest outcome's time, in first-seen order
     history = []
     for o in outcomes:
         result = o.outcome
@@ -290,23 +305,31 @@ def record(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: RecordArgs) -> lis
             log.info("queue: outcome for recipient %d ignored: lease lost", o.recipient_id)
             continue
         qid, address = rows[0]
-        touched[qid] = None
+        touched[qid] = max(touched.get(qid, o.at), o.at)
         history.append((qid, o.at, address, event, detail))
     conn.executemany(_INSERT_HISTORY, history)
     if follow_ups:
         enqueue_many(ctx, conn, txn, list(follow_ups))
     completed = [qid for qid in touched if conn.execute(_UNFINISHED, (qid,)).fetchone() is None]
     for qid in completed:
-        remove_message(ctx, conn, txn, qid)
+        remove_message(ctx, conn, txn, qid, touched[qid])
     return completed
 
 
-def remove_message(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str) -> bool:
-    """Delete a message's rows; its body file goes after the commit. False if absent."""
+_KEEP_SUMMARY = """
+    INSERT INTO completed (queue_id, message_id, sender, received_at, size, client, completed_at)
+    SELECT queue_id, message_id, sender, received_at, size, client, ? FROM messages WHERE queue_id = ?
+"""
+
+
+def remove_message(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str, at: float) -> bool:
+    """Delete a message's rows, keeping a summary and its history for `trace`; its
+    body file goes after the commit. False if absent."""
     row = conn.execute("SELECT spool_path FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
     if row is None:
         return False
-    for table in ("recipients", "history", "bodies", "messages"):
+    conn.execute(_KEEP_SUMMARY, (at, queue_id))
+    for table in ("recipients", "bodies", "messages"):
         conn.execute(f"DELETE FROM {table} WHERE queue_id = ?", (queue_id,))
     if row[0] is not None:
         txn.after_commit.append(partial(_unlink, ctx.spool_dir / row[0]))
@@ -365,9 +388,22 @@ def retry(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str | None, f
 
 
 def delete(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, float]) -> None:
-    queue_id, _now = arg
-    if not remove_message(ctx, conn, txn, queue_id):
+    queue_id, now = arg
+    if not remove_message(ctx, conn, txn, queue_id, now):
         raise NoSuchMessage(queue_id)
+    conn.execute(_INSERT_HISTORY, (queue_id, now, "", "deleted", ""))
+
+
+_PRUNABLE = "SELECT queue_id FROM completed WHERE completed_at < ? ORDER BY completed_at LIMIT ?"
+
+
+def prune_history(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[float, int]) -> int:
+    """Forget up to `limit` messages that left the queue before `before`."""
+    before, limit = arg
+    ids = [(row[0],) for row in conn.execute(_PRUNABLE, (before, limit)).fetchall()]
+    conn.executemany("DELETE FROM history WHERE queue_id = ?", ids)
+    conn.executemany("DELETE FROM completed WHERE queue_id = ?", ids)
+    return len(ids)
 
 
 def quarantine(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, str, float]) -> None:

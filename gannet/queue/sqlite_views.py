@@ -1,6 +1,7 @@
-"""The SQLite store's read-only views for `gannet queue list/show` and the admin API.
+"""The SQLite store's read-only views for `gannet queue list/show`, `gannet trace`
+and the admin API.
 
-Owns: the SELECTs that build QueuedMessageView. Called only by the writer
+Owns: the SELECTs that build QueuedMessageView and TraceEvent lists. Called only by the writer
 thread (sqlite_writer) through SqliteStore.list_messages/get_message, inside
 the writer's transaction, so a view never shows uncommitted work to anyone
 before the batch that contains it has committed.
@@ -12,6 +13,7 @@ shown only for queued/deferred recipients.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from typing import Any
 
@@ -22,6 +24,7 @@ from gannet.queue.model import (
     QueueFilter,
     RecipientState,
     RecipientView,
+    TraceEvent,
 )
 from gannet.queue.sqlite_ops import DEFERRED, QUEUED, Ctx
 from gannet.queue.sqlite_writer import Txn
@@ -65,6 +68,12 @@ def _where(f: QueueFilter) -> tuple[str, list[object]]:
     if f.older_than is not None:
         clauses.append("m.received_at < ?")
         params.append(f.older_than)
+    if f.newer_than is not None:
+        clauses.append("m.received_at >= ?")
+        params.append(f.newer_than)
+    if f.after is not None:
+        clauses.append("(m.received_at > ? OR (m.received_at = ? AND m.queue_id > ?))")
+        params += [f.after[0], f.after[0], f.after[1]]
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
@@ -121,3 +130,42 @@ def get_message(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str) -> 
     if row is None:
         raise NoSuchMessage(queue_id)
     return _view(conn, row, history=True)
+
+
+# --- trace ---------------------------------------------------------------------
+
+_TRACE_IN_QUEUE = """
+    SELECT queue_id, received_at, sender, size, client, message_id, NULL FROM messages
+    WHERE queue_id = ? OR message_id IN (?, ?)
+"""
+_TRACE_COMPLETED = """
+    SELECT queue_id, received_at, sender, size, client, message_id, completed_at FROM completed
+    WHERE queue_id = ? OR message_id IN (?, ?)
+"""
+_TRACE_HISTORY = "SELECT at, recipient, event, detail, id FROM history WHERE queue_id = ?"
+
+
+def trace(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, key: str) -> list[TraceEvent]:
+    """Events of the messages `key` names (store.py "History and trace")."""
+    key = key.strip()
+    bare = key[1:-1] if key.startswith("<") and key.endswith(">") else key
+    if not bare:
+        return []  # not "every message without a Message-ID"
+    params = (key, bare, f"<{bare}>")
+    found = conn.execute(_TRACE_IN_QUEUE, params).fetchall()
+    found += conn.execute(_TRACE_COMPLETED, params).fetchall()
+    # (time, recording order, event): "received" first and "completed" last among equal times.
+    keyed: list[tuple[float, float, TraceEvent]] = []
+    for qid, received_at, sender, size, client, message_id, completed_at in found:
+        detail = f"from=<{sender}> size={size} client={client}"
+        if message_id:
+            detail += f" message-id={message_id}"
+        keyed.append((received_at, -1.0, TraceEvent(received_at, qid, "", "received", detail)))
+        deleted = False
+        for at, recipient, event, text, row_id in conn.execute(_TRACE_HISTORY, (qid,)):
+            keyed.append((at, float(row_id), TraceEvent(at, qid, recipient, event, text)))
+            deleted = deleted or event == "deleted"
+        if completed_at is not None and not deleted:
+            keyed.append((completed_at, math.inf, TraceEvent(completed_at, qid, "", "completed", "")))
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    return [event for _at, _order, event in keyed]

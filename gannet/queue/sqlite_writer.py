@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gannet import metrics
 from gannet.queue.model import QueueError
 
 log = logging.getLogger("gannet.queue")
@@ -278,6 +279,7 @@ class Writer:
             self._synchronous_full = full
 
     def _commit(self, conn: sqlite3.Connection, changes_before: int) -> bool:
+        started = time.perf_counter()
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -286,6 +288,7 @@ class Writer:
             _rollback_quietly(conn)
             return False
         if conn.total_changes != changes_before:
+            metrics.store_commit(time.perf_counter() - started, fsync=self._synchronous_full)
             self.stats.commits += 1
             if not self._synchronous_full:
                 self.stats.unsynced_commits += 1

@@ -18,6 +18,26 @@ The commit protocol (docs/queue.md):
    (fencing): a late worker cannot overwrite a newer outcome. A message whose
    recipients are all final is removed with its body, in the same transaction.
 
+History and trace (`gannet trace`). Every store keeps, per message, a list
+of events (at, recipient or "", event, detail) and returns them from
+`get_message` (the message's own) and `trace` (by queue ID or Message-ID).
+When a message leaves the queue (all recipients final, or `delete`), its
+envelope, body and recipients go, but a summary (queue ID, Message-ID,
+sender, size, client, received and completion times) and its events stay
+until `prune_history` forgets them (`[queue] keep_history`, run by the sweep;
+the hot path never deletes history). Event names, in `trace` order:
+  received     derived from the envelope: detail "from=<S> size=N client=C
+               message-id=M" (not stored as a row)
+  check        a result of an SMTP-time check, from NewMessage.events
+  held, released, retry, quarantined, deleted   admin actions and recovery
+  delivered, deferred, failed    one per attempt and recipient; detail is the
+               reply or reason (deferred/failed), or where it went (delivered)
+  released     (with a recipient) a stuck lease given back by the sweep
+  dsn          a report about this message was queued: "report queued as ID
+               to <R>"; stored when a NewMessage with `report_for` is enqueued
+  completed    derived: the message left the queue (all recipients final)
+Events with equal times keep the order in which they were recorded.
+
 Times are passed in (`now`), never read from a clock inside the store.
 """
 
@@ -29,10 +49,13 @@ from typing import Protocol
 
 from gannet.queue.model import (
     Claim,
+    DeferralReason,
     NewMessage,
     QueuedMessageView,
     QueueFilter,
+    QueueStats,
     RecipientOutcome,
+    TraceEvent,
     Transport,
 )
 
@@ -116,4 +139,27 @@ class QueueStore(Protocol):
         Returns how many recipients were touched."""
 
     async def delete(self, queue_id: str, now: float) -> None:
-        """Remove a message and its body without delivering it."""
+        """Remove a message and its body without delivering it (its history is
+        kept, with a "deleted" event, like a completed message's)."""
+
+    async def trace(self, key: str) -> list[TraceEvent]:
+        """The events of every message whose queue ID is `key`, or whose Message-ID
+        is `key` with or without the angle brackets (several messages may share
+        one), in the queue or completed and not yet pruned; in time order. An
+        empty list when nothing matches, and for "" or "<>" (never "every
+        message without a Message-ID")."""
+
+    async def prune_history(self, before: float, *, limit: int) -> int:
+        """Forget up to `limit` messages that left the queue before `before` (their
+        summary and events), oldest first. Returns how many; call again while it
+        returns `limit`. Each call is one short transaction."""
+
+    async def queue_stats(self) -> QueueStats:
+        """For /metrics and the dashboard: unfinished recipients by shown state
+        (queued, deferred, delivering; "held"/"quarantined" for those of held or
+        quarantined messages), with their message count and oldest received_at.
+        A scan of the queue: callers cache it; it must not stall enqueues."""
+
+    async def deferral_reasons(self, limit: int) -> list[DeferralReason]:
+        """The `limit` largest groups of deferred recipients (of messages neither
+        held nor quarantined) by (domain, last error), largest first."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from gannet.clock import Clock
 from gannet.config import Config
+from gannet.mailauth.checks import InboundChecks
+from gannet.mailauth.signing import Signer
 from gannet.policy.recipients import RecipientTable
 from gannet.queue.store import QueueStore
 from gannet.server.auth import PasswordVerifier
@@ -40,6 +42,10 @@ class Services:
     on_enqueued: Callable[[], None] = lambda: None
     refresh_recipients: Callable[[], RecipientTable] | None = None
     counters: Counters = field(default_factory=Counters)
+    # SPF/DKIM/DMARC/ARC on mx listeners (None: [mailauth] checks = false), and the
+    # [[dkim]] keys that sign and seal (None: no keys); see gannet/mailauth/checks.py.
+    mailauth: InboundChecks | None = None
+    signer: Signer | None = None
 
     def current_recipients(self) -> RecipientTable:
         """The recipient table as of now (the users file may have changed)."""

@@ -18,6 +18,8 @@ not acknowledged is simply not queued.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -28,15 +30,18 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from gannet import maillog
+from gannet import maillog, metrics
 from gannet.config import BareNewlinePolicy, Listener, ListenMode
+from gannet.mailauth import pipeline as mailauth_pipeline
+from gannet.mailauth.spf import SpfOutcome
 from gannet.message import headers
 from gannet.message.spool import BodySpool
 from gannet.policy.recipients import Destination
 from gannet.policy.relay import RcptFacts, is_trusted, rcpt_verdict, sender_verdict
 from gannet.policy.verdict import Accept
 from gannet.queue.ids import new_queue_id
-from gannet.queue.model import Body, NewMessage, NewRecipient, QueueError
+from gannet.queue.model import Body, NewMessage, NewRecipient, QueueError, Transport
+from gannet.server import proxy_intake
 from gannet.server.services import Services
 from gannet.server.tls import describe
 from gannet.server.wire import Wire
@@ -64,8 +69,11 @@ class Transaction:
     queue_id: str = ""
     spool: BodySpool | None = None
     message_id: str = ""
+    spf: asyncio.Task[SpfOutcome] | None = None  # started at MAIL FROM (gannet/mailauth)
 
     def discard(self) -> None:
+        if self.spf is not None:
+            self.spf.cancel()
         if self.spool is not None:
             self.spool.discard()
             self.spool = None
@@ -81,13 +89,11 @@ class Session:
         self.listener = listener
         self.wire = wire
         self.session_id = new_queue_id()
-        self.client_ip, self.client_port = wire.peername()
-        self.client = f"[{self.client_ip}]:{self.client_port}"
-        self.trusted, self.loopback = _client_facts(self.client_ip, self.config.relay.trusted_networks)
         self.tls_version = ""
         self.tls_text = ""
         if implicit_tls:
             self.tls_version, self.tls_text = describe(wire.ssl_object)
+        self._set_client(*wire.peername())  # until a PROXY header says otherwise
         self.conn = ServerConnection(self._options(tls=implicit_tls))
         self.txn: Transaction | None = None
         self.counts: Counter[str] = Counter()
@@ -95,6 +101,12 @@ class Session:
         self._out: list[bytes] = []
         self._closing = False
         self._waiting_for_command = False
+
+    def _set_client(self, ip: str, port: int) -> None:
+        """Who the client is: relay rules, AUTH on loopback, logs and Received all read this."""
+        self.client_ip, self.client_port = ip, port
+        self.client = f"[{ip}]:{port}"
+        self.trusted, self.loopback = _client_facts(ip, self.config.relay.trusted_networks)
 
     # -- options ----------------------------------------------------------------
     def _options(self, *, tls: bool) -> ServerOptions:
@@ -121,12 +133,22 @@ class Session:
 
     # -- the loop -----------------------------------------------------------------
     async def run(self) -> None:
+        early = b""
+        if self.listener.proxy_protocol:  # the load balancer's header says who the client is
+            arrival = await proxy_intake.read_header(self.wire, self.listener, self.session_id)
+            if arrival is None:  # dropped (logged): no greeting, nothing to answer
+                self.wire.close()
+                return
+            self._set_client(arrival.client_ip, arrival.client_port)
+            self.conn.options = self._options(tls=False)  # AUTH on loopback depends on the address
+            early = arrival.early
         counters = self.services.counters
         counters.sessions_open += 1
         counters.sessions_total += 1
+        metrics.session_opened(self.listener.address)
         maillog.connect(self.session_id, self.client, self.listener.address)
         try:
-            await self._loop()
+            await self._loop(early)
         except (ConnectionError, OSError) as exc:
             log.info("session %s: connection error from %s: %s", self.session_id, self.client, exc)
         except Exception:
@@ -139,15 +161,20 @@ class Session:
             self._flush()
             self.wire.close()
             counters.sessions_open -= 1
+            metrics.session_closed(self.listener.address, tls=bool(self.tls_version))
             counters_text = dict(self.counts)
             maillog.disconnect(self.session_id, self.client, counters_text, time.monotonic() - self.started)
 
-    async def _loop(self) -> None:
+    async def _loop(self, early: bytes = b"") -> None:
         conn = self.conn
         if self.services.counters.sessions_open > self.config.smtp.max_sessions:
-            self._write(conn.send(R.R421_TOO_BUSY.with_text(f"{self.config.hostname} too many connections")))
+            busy = R.R421_TOO_BUSY.with_text(f"{self.config.hostname} too many connections")
+            metrics.rejected(self.listener.address, self.client, "connect", busy)
+            self._write(conn.send(busy))
             return
         self._write(conn.send(Reply(220, "", f"{self.config.hostname} ESMTP Gannet")))
+        if early:  # SMTP bytes that arrived with the PROXY header
+            conn.receive_data(early)
         while not conn.closed:
             event = conn.next_event()
             if event is ev.NEED_DATA:
@@ -195,6 +222,7 @@ class Session:
             case ev.MessageRefused(reply=reply):
                 self._end_transaction()
                 self.services.counters.messages_refused += 1
+                metrics.rejected(self.listener.address, self.client, "DATA", reply)
                 maillog.rejected(self.session_id, self.client, "DATA", reply)
                 self._write(conn.send(reply))
             case ev.CommandError(reply=reply, reason=reason):
@@ -236,18 +264,27 @@ class Session:
         if user is not None:
             verdict = sender_verdict(self.recipient_table, user, event.address)
             if not isinstance(verdict, Accept):
+                metrics.rejected(self.listener.address, self.client, "MAIL", verdict.reply)
                 maillog.rejected(
                     self.session_id, self.client, "MAIL", verdict.reply, verdict.reason, sender=event.address
                 )
                 return verdict.reply
         self.txn = Transaction(mail=event)
+        checks = self.services.mailauth
+        if checks is not None and self._checked():  # started now, SPF's DNS overlaps RCPT and DATA
+            self.txn.spf = checks.start_spf(self.client_ip, event.address, self.conn.helo_name or "")
         return R.R250_SENDER_OK
+
+    def _checked(self) -> bool:
+        """Inbound checks run on mx listeners for clients neither authenticated nor trusted."""
+        return self.listener.mode == ListenMode.MX and not self.trusted and self.conn.authenticated is None
 
     def on_rcpt(self, event: ev.RcptTo) -> Reply:
         assert self.txn is not None, "the core emits RcptTo only after an accepted MAIL"
         facts = RcptFacts(self.client_ip, self.conn.authenticated is not None, self.trusted)
         verdict, destinations = rcpt_verdict(self.recipient_table, facts, event.address)
         if not isinstance(verdict, Accept):
+            metrics.rejected(self.listener.address, self.client, "RCPT", verdict.reply, f"<{event.address}>")
             maillog.rejected(
                 self.session_id,
                 self.client,
@@ -319,6 +356,7 @@ class Session:
         spool = txn.spool
         if spool.facts.received_count > headers.MAX_RECEIVED:
             reply = Reply(554, "5.4.6", "Too many hops (Received headers): mail loop?")
+            metrics.rejected(self.listener.address, self.client, "DATA", reply)
             maillog.rejected(
                 self.session_id, self.client, "DATA", reply, "mail loop", sender=txn.mail.address
             )
@@ -326,7 +364,16 @@ class Session:
             return [reply] * n_replies
         try:
             body = await spool.finish()
-            message = self._new_message(txn, body)
+            auth = await mailauth_pipeline.process(self._message_facts(txn), body, self.services.mailauth,
+                                                   self.services.signer, txn.spf)
+            if auth.reject is not None:  # DMARC enforce, p=reject (RFC 7489 §6.6.2)
+                metrics.rejected(self.listener.address, self.client, "DATA", auth.reject)
+                maillog.rejected(self.session_id, self.client, "DATA", auth.reject, auth.reason,
+                                 sender=txn.mail.address)
+                self._end_transaction()
+                return [auth.reject] * n_replies
+            body = auth.body
+            message = dataclasses.replace(self._new_message(txn, body), events=auth.events)
             await self.services.store.enqueue(message)
         except (QueueError, OSError) as exc:
             log.error("%s: could not queue the message from %s: %s", txn.queue_id, self.client, exc)
@@ -334,6 +381,7 @@ class Session:
             return [R.R451_LOCAL_ERROR] * n_replies
         txn.spool = None  # the store owns the body now
         self.services.counters.messages_accepted += 1
+        metrics.received(self.listener.address, [r.domain for r in message.recipients])
         maillog.queued(
             txn.queue_id,
             txn.mail.address,
@@ -348,6 +396,26 @@ class Session:
         queue_id = txn.queue_id
         self._end_transaction()
         return [R.queued(queue_id)] * n_replies
+
+    def _message_facts(self, txn: Transaction) -> mailauth_pipeline.MessageFacts:
+        """What gannet/mailauth needs to decide: check, sign, seal, strip forged results."""
+        mode = self.listener.mode
+        return mailauth_pipeline.MessageFacts(
+            queue_id=txn.queue_id,
+            hostname=self.config.hostname,
+            sender=txn.mail.address,
+            helo=self.conn.helo_name or "",
+            check=self._checked(),
+            dmarc=self.listener.dmarc or self.config.mailauth.dmarc,
+            strip_forged=not self.trusted,
+            sign=mode != ListenMode.LMTP and (self.trusted or self.conn.authenticated is not None),
+            forwarded=any(  # an alias expanded to a remote address
+                d.transport is Transport.SMTP and d.address.lower() != rcpt.address.lower()
+                for rcpt, dests in txn.recipients
+                for d in dests
+            ),
+            max_size=self.config.mailauth.max_verify_size,
+        )
 
     def _new_message(self, txn: Transaction, body: Body) -> NewMessage:
         recipients = []
@@ -393,6 +461,7 @@ class Session:
             ok = await self.services.verifier.verify(username, event.password)
         if not ok:
             self.services.counters.auth_failures += 1
+            metrics.auth_failed(self.listener.address, self.client, username, event.mechanism)
             maillog.auth_failed(self.session_id, self.client, username, event.mechanism)
             return R.R535_AUTH_FAILED
         return R.R235_AUTH_OK

@@ -1,7 +1,8 @@
 """Fixtures for the QueueStore contract suite: one `store` per backend.
 
 `store_env` knows how to make a store of one kind on one piece of backing
-storage (a SQLite file now; a PostgreSQL database later); `store` is an
+storage (a SQLite file, or a fresh schema in the session's PostgreSQL, started
+from the installed binaries by tests/conftest.py `postgres_server`); `store` is an
 opened store on it, closed after the test. Tests that need a second instance
 on the same storage (reopen after close, a second reader) call
 `store_env.make()`.
@@ -17,16 +18,18 @@ from pathlib import Path
 
 import pytest
 
+from gannet.queue.postgres import PostgresStore
 from gannet.queue.sqlite import SqliteStore
 from gannet.queue.store import QueueStore
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgres"]
 
 
 @dataclass
 class StoreEnv:
     backend: str
     root: Path
+    url: str = ""  # postgres: the database (schema) of this test
 
     @property
     def spool_dir(self) -> Path:
@@ -39,12 +42,15 @@ class StoreEnv:
             return SqliteStore(
                 self.root / "queue.db", spool_dir=self.spool_dir, node="test", recover=recover
             )
+        if self.backend == "postgres":
+            return PostgresStore(self.url, spool_dir=self.spool_dir, node="test", recover=recover)
         raise AssertionError(f"unknown backend {self.backend}")
 
 
 @pytest.fixture(params=BACKENDS)
 def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> StoreEnv:
-    env = StoreEnv(request.param, tmp_path)
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
+    env = StoreEnv(request.param, tmp_path, url)
     env.spool_dir.mkdir()
     return env
 

@@ -37,6 +37,7 @@ from gannet.queue.model import (
     RecipientOutcome,
     RecipientState,
     RecipientView,
+    TraceEvent,
     Transport,
 )
 
@@ -85,6 +86,7 @@ class FakeStore:
         self.fail_claims = 0
         self.fail_records = 0
         self.record_gate: asyncio.Event | None = None
+        self.pruned_before: list[float] = []  # prune_history calls
 
     # -- lifecycle ------------------------------------------------------------
     async def open(self) -> None:
@@ -289,6 +291,16 @@ class FakeStore:
             raise NoSuchMessage(queue_id)
         for rid in [r.id for r in self.rcpts.values() if r.queue_id == queue_id]:
             del self.rcpts[rid]
+
+    async def trace(self, key: str) -> list[TraceEvent]:
+        m = self.messages.get(key)
+        if m is None:
+            return []
+        return [TraceEvent(h.at, key, h.recipient, h.event, h.detail) for h in m.history]
+
+    async def prune_history(self, before: float, *, limit: int) -> int:
+        self.pruned_before.append(before)
+        return 0  # completed messages are not kept here
 
     # -- test helpers ---------------------------------------------------------
     def recipient(self, address: str) -> _Rcpt:

@@ -1,0 +1,268 @@
+"""The inbound checks a session runs: SPF at MAIL FROM, DKIM/ARC/DMARC at the end of data.
+
+`InboundChecks` is built once per server (it holds the resolver, so every
+check shares one DNS cache). A session calls:
+
+- `start_spf(ip, sender, helo)` as soon as MAIL FROM is accepted: a task, so
+  the SPF lookups overlap the client's RCPT and DATA;
+- `finish(spf_task, body, dmarc_mode)` once the message is spooled: reads the
+  header section, fetches every DKIM and ARC key and the DMARC record(s) at
+  once, verifies (in an executor for messages above `INLINE_VERIFY_LIMIT`;
+  below it a thread hop costs more than the work), evaluates DMARC and returns
+  a `Verdict`: the Authentication-Results field to prepend, a filter that
+  drops forged fields, and what DMARC says to do.
+
+Decisions:
+- A message larger than `max_verify_size` is not loaded for DKIM/ARC:
+  dkim=neutral / arc=none with the reason, so a session's memory stays
+  bounded; SPF and DMARC (which may still pass on SPF) are evaluated.
+- DMARC mode per listener: enforce (p=reject → 550 5.7.1 at the end of data;
+  p=quarantine → accepted with `X-Gannet-Quarantine: dmarc`), report (the
+  result is only recorded in Authentication-Results), off (no DMARC lookup;
+  SPF, DKIM and ARC are still checked and recorded).
+- A DNS failure never refuses or defers mail: it is temperror in the header
+  and the policy is not applied (mail is never lost to a resolver outage).
+- Several From domains (RFC 7489 §6.6.1): each is evaluated, the strictest
+  disposition wins; no From domain: dmarc=permerror, nothing enforced.
+- Forged fields: any Authentication-Results whose authserv-id is our hostname
+  and any X-Gannet-Quarantine are dropped from the incoming header.
+
+Never raises into the session: an unexpected error gives temperror results
+and a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+from dataclasses import dataclass, field
+
+from gannet.clock import Clock
+from gannet.config import Config, DmarcMode
+from gannet.delivery.dns import Resolver
+from gannet.mailauth import arc_verify, authres, dkim_verify, dmarc
+from gannet.mailauth import spf as spf_mod
+from gannet.mailauth.authres import ResInfo
+from gannet.mailauth.dns_bridge import TxtAnswer, spf_dns, txt_records
+from gannet.message.rewrite import header_fields, read_all, read_head, split_head
+from gannet.queue.model import Body
+from gannet.smtp.replies import Reply
+
+log = logging.getLogger("gannet.mailauth")
+
+INLINE_VERIFY_LIMIT = 64 * 1024
+SPF_TIMEOUT = 20.0  # RFC 7208 §4.6.4 suggests at least 20 seconds for the whole check
+MAX_FROM_DOMAINS = 5
+QUARANTINE_FIELD = b"X-Gannet-Quarantine: dmarc\r\n"
+
+
+@dataclass(slots=True)
+class Verdict:
+    prepend: bytes  # Authentication-Results (+ X-Gannet-Quarantine), CRLF-terminated
+    value: str  # the Authentication-Results value on one line (for ARC sealing)
+    hostname: str
+    reject: Reply | None = None  # DMARC enforce + p=reject: refuse with this
+    quarantine: bool = False
+    summary: str = ""  # "spf=pass dkim=pass dmarc=pass arc=none" for the log and the queue's history
+    reasons: list[str] = field(default_factory=list)
+
+    def drop(self, raw_field: bytes) -> bool:
+        """The filter for `message.rewrite`: forged results claiming our name, and quarantine marks."""
+        return authres.is_ours(raw_field, self.hostname) or raw_field[:20].lower() == b"x-gannet-quarantine:"
+
+
+class InboundChecks:
+    def __init__(
+        self,
+        resolver: Resolver,
+        hostname: str,
+        *,
+        max_verify_size: int = 10 * 1024 * 1024,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.resolver = resolver
+        self.hostname = hostname.lower().rstrip(".")
+        self.max_verify_size = max_verify_size
+        self.rng = rng or random.Random()
+        self._spf_dns = spf_dns(resolver)
+        self._spf_hints = spf_mod.Hints()
+        dmarc.org_domain(self.hostname)  # load the Public Suffix List now, not on the first message
+
+    # ------------------------------------------------------------------ SPF
+
+    def start_spf(self, ip: str, sender: str, helo: str) -> asyncio.Task[spf_mod.SpfOutcome]:
+        return asyncio.create_task(self._spf(ip, sender, helo))
+
+    async def _spf(self, ip: str, sender: str, helo: str) -> spf_mod.SpfOutcome:
+        identity, domain, _ = spf_mod.identity_for(sender, helo)
+        try:
+            async with asyncio.timeout(SPF_TIMEOUT):
+                return await spf_mod.check(
+                    ip, sender, helo, self._spf_dns, receiver=self.hostname, hints=self._spf_hints
+                )
+        except TimeoutError:
+            return spf_mod.SpfOutcome(spf_mod.SpfResult.TEMPERROR, identity, domain, "SPF check timed out")
+
+    # ------------------------------------------------------------------ end of data
+
+    async def finish(
+        self,
+        spf_task: asyncio.Task[spf_mod.SpfOutcome] | None,
+        body: Body,
+        mode: DmarcMode,
+        *,
+        sender: str = "",
+        helo: str = "",
+    ) -> Verdict:
+        try:
+            return await self._finish(spf_task, body, mode, sender, helo)
+        except Exception as exc:  # fail soft: the message is accepted with what we know
+            log.exception("mailauth: checks failed unexpectedly (%r); results recorded as temperror", exc)
+            results = [ResInfo(m, "temperror", "internal error") for m in ("spf", "dkim", "dmarc", "arc")]
+            return self._verdict(results, None, mode)
+
+    async def _finish(
+        self,
+        spf_task: asyncio.Task[spf_mod.SpfOutcome] | None,
+        body: Body,
+        mode: DmarcMode,
+        sender: str,
+        helo: str,
+    ) -> Verdict:
+        head, _ = split_head(await read_head(body))
+        fields = header_fields(head)
+        from_domains = _from_domains(fields)
+        small = body.size <= self.max_verify_size
+        dkim_names = dkim_verify.key_names(head)
+        arc_names = arc_verify.arc_key_names(head) if arc_verify.has_arc(head) else []
+        lookup = self._txt
+        dkim_keys, arc_keys, discoveries, spf = await asyncio.gather(
+            dkim_verify.fetch_keys(dkim_names if small else [], lookup),
+            dkim_verify.fetch_keys(arc_names if small else [], lookup),
+            asyncio.gather(*(dmarc.discover(d, lookup) for d in from_domains))
+            if mode is not DmarcMode.OFF
+            else _nothing(),
+            self._spf_result(spf_task, sender, helo),
+        )
+        has_dkim = any(f[:15].lower() == b"dkim-signature:" for f in fields)
+        dkim_outcomes: list[dkim_verify.DkimOutcome] = []
+        arc = arc_verify.ArcOutcome("none")
+        if small and (has_dkim or arc_names):
+            data = await read_all(body)
+            dkim_outcomes, arc = await self._verify(data, dkim_keys, arc_keys, has_dkim, bool(arc_names))
+        elif has_dkim:
+            dkim_outcomes = [
+                dkim_verify.DkimOutcome("neutral", reason=f"message too large to verify ({body.size} bytes)")
+            ]
+        if not small and arc_verify.has_arc(head):
+            arc = arc_verify.ArcOutcome("none", "message too large to verify")
+
+        results = [_spf_info(spf, sender, helo)]
+        results += [_dkim_info(o) for o in dkim_outcomes] or [ResInfo("dkim", "none")]
+        outcomes: list[dmarc.DmarcOutcome] = []
+        if mode is not DmarcMode.OFF:
+            spf_domain = spf.domain if spf.result is spf_mod.SpfResult.PASS else ""
+            passed = [o.domain for o in dkim_outcomes if o.result == "pass"]
+            for domain, found in zip(from_domains, discoveries, strict=True):
+                outcomes.append(
+                    dmarc.evaluate(
+                        domain, found, spf_pass_domain=spf_domain, dkim_pass_domains=passed, rng=self.rng
+                    )
+                )
+            if not from_domains:
+                outcomes.append(dmarc.DmarcOutcome("permerror", "", reason="no From address"))
+            results += [_dmarc_info(o) for o in outcomes]
+        results.append(ResInfo("arc", arc.result, arc.reason))
+        return self._verdict(results, outcomes, mode)
+
+    async def _txt(self, name: str) -> TxtAnswer:
+        return await txt_records(self.resolver, name)
+
+    async def _spf_result(
+        self, task: asyncio.Task[spf_mod.SpfOutcome] | None, sender: str, helo: str
+    ) -> spf_mod.SpfOutcome:
+        if task is None:
+            identity, domain, _ = spf_mod.identity_for(sender, helo)
+            return spf_mod.SpfOutcome(spf_mod.SpfResult.NONE, identity, domain, "not checked")
+        return await task
+
+    async def _verify(
+        self,
+        data: bytes,
+        dkim_keys: dict[str, TxtAnswer],
+        arc_keys: dict[str, TxtAnswer],
+        has_dkim: bool,
+        has_arc: bool,
+    ) -> tuple[list[dkim_verify.DkimOutcome], arc_verify.ArcOutcome]:
+        def work() -> tuple[list[dkim_verify.DkimOutcome], arc_verify.ArcOutcome]:
+            dkim_out = dkim_verify.verify(data, dkim_keys) if has_dkim else []
+            arc_out = arc_verify.verify(data, arc_keys) if has_arc else arc_verify.ArcOutcome("none")
+            return dkim_out, arc_out
+
+        if len(data) <= INLINE_VERIFY_LIMIT:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    def _verdict(
+        self, results: list[ResInfo], outcomes: list[dmarc.DmarcOutcome] | None, mode: DmarcMode
+    ) -> Verdict:
+        verdict = Verdict(
+            prepend=authres.render(self.hostname, results),
+            value=authres.value(self.hostname, results),
+            hostname=self.hostname,
+            summary=" ".join(f"{r.method}={r.result}" for r in results),
+        )
+        if mode is not DmarcMode.ENFORCE or not outcomes:
+            return verdict
+        rejecting = [o for o in outcomes if o.disposition is dmarc.Policy.REJECT]
+        if rejecting:
+            domain = rejecting[0].from_domain
+            verdict.reject = Reply(550, "5.7.1", f"Message rejected per DMARC policy for {domain}")
+            verdict.reasons.append(f"dmarc=fail p=reject header.from={domain}")
+        elif any(o.disposition is dmarc.Policy.QUARANTINE for o in outcomes):
+            verdict.quarantine = True
+            verdict.prepend += QUARANTINE_FIELD
+        return verdict
+
+
+async def _nothing() -> list[dmarc.Discovery]:
+    return []
+
+
+def _from_domains(fields: list[bytes]) -> list[str]:
+    """The distinct domains of the From addresses (RFC 7489 §6.6.1), at most MAX_FROM_DOMAINS."""
+    values = [f.partition(b":")[2] for f in fields if f[:5].lower() == b"from:"]
+    addresses = email.utils.getaddresses([v.decode("utf-8", "replace").replace("\r\n", "") for v in values])
+    domains = [a.rpartition("@")[2].strip().lower().rstrip(".") for _, a in addresses if "@" in a]
+    return list(dict.fromkeys(d for d in domains if d))[:MAX_FROM_DOMAINS]
+
+
+def _spf_info(spf: spf_mod.SpfOutcome, sender: str, helo: str) -> ResInfo:
+    identity = sender if spf.identity == "mailfrom" else helo
+    reason = "" if spf.result is spf_mod.SpfResult.PASS else spf.explanation
+    return ResInfo("spf", spf.result.value, reason, ((spf.property_name, identity),))
+
+
+def _dkim_info(o: dkim_verify.DkimOutcome) -> ResInfo:
+    props = (("header.d", o.domain), ("header.s", o.selector), ("header.b", o.b_prefix))
+    return ResInfo("dkim", o.result, o.reason, props)
+
+
+def _dmarc_info(o: dmarc.DmarcOutcome) -> ResInfo:
+    reason = o.reason if o.result in ("none", "temperror", "permerror") else ""
+    if o.published is not None:
+        r = o.published
+        reason = f"p={r.p.value} sp={r.sp.value} dis={o.disposition.value}" + (
+            f" pct={r.pct}" if r.pct < 100 else ""
+        )
+    return ResInfo("dmarc", o.result, reason, (("header.from", o.from_domain),))
+
+
+def from_config(config: Config, clock: Clock | None = None) -> InboundChecks | None:
+    """The server's checks (one resolver, so one DNS cache), or None when `[mailauth] checks = false`."""
+    if not config.mailauth.checks:
+        return None
+    resolver = Resolver(config.dns.nameservers, clock=clock)
+    return InboundChecks(resolver, config.hostname, max_verify_size=config.mailauth.max_verify_size)
