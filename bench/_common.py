@@ -10,6 +10,7 @@ Postfix on 127.0.0.2, each on a free port.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import signal
 import subprocess
@@ -100,6 +101,7 @@ class BenchQueue:
         if spec == "postgres":
             self.work = workdir("postgres")
             self.server = peers.PostgresServer(self.work)
+            atexit.register(self.close)  # even when a run fails: never leave a postmaster behind
         elif spec is not None and not spec.startswith(("postgresql://", "postgres://")):
             sys.exit(f"bench: --queue-url takes postgres or a postgresql:// URL, not {spec!r}")
 
@@ -127,6 +129,7 @@ class BenchQueue:
         return peers.process_tree_cpu_seconds(self.server.proc.pid)
 
     def close(self) -> None:
+        """Stop the private PostgreSQL and remove its files (again: a no-op)."""
         if self.server is not None:
             self.server.close()
         if self.work is not None:

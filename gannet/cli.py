@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("deliver-worker", help="internal: the local delivery process that `serve` starts")
     s.add_argument("--wake-fd", type=int, required=True)
     s.add_argument("--log-format", choices=("text", "json"), default="text")
+    s.add_argument("--parent-pid", type=int, default=None)  # the server: the worker ends with it
     s.set_defaults(func=cmd_deliver_worker)
 
     s = sub.add_parser("check-config", parents=[common], help="validate the config file")
@@ -194,6 +195,10 @@ def cmd_deliver_worker(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads go through the parent
     setup_logging(args.log_format, "info")
+    from gannet.delivery.parent_watch import exit_with_parent
+
+    if not exit_with_parent(args.parent_pid):
+        return 0
     from gannet.delivery.worker import run_worker
 
     _use_uvloop()

@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 DEFAULT_PATHS = (Path("gannet.toml"), Path("/etc/gannet/gannet.toml"))
+LEASE_MIN, LEASE_MAX = 10.0, 3600.0  # [queue] lease, seconds
 
 
 def find_config_file(explicit: str | None) -> Path:
@@ -204,22 +205,24 @@ class _Reader(ValueReader):
         return host, port
 
     def queue(self, data_dir: Path) -> QueueConfig:
-        t = self.table(
-            self.doc, "queue", "queue", {"url", "inline_body_limit", "keep_history", "node", "pool_size"}
-        )
+        keys = {"url", "inline_body_limit", "keep_history", "node", "pool_size", "lease"}
+        t = self.table(self.doc, "queue", "queue", keys)
         url = self.string(t, "url", "queue.url", "sqlite:")
         inline = self.size(t, "inline_body_limit", "queue.inline_body_limit", 256 * 1024)
         keep = self.duration(t, "keep_history", "queue.keep_history", 7 * 86400.0)
+        lease = self.duration(t, "lease", "queue.lease", 120.0)
+        if not LEASE_MIN <= lease <= LEASE_MAX:  # renewed every third: shorter leaves no room for a stall
+            raise self.fail("queue.lease", f"{lease:g}s is out of range", '"10s" .. "1h"')
         if url.startswith("sqlite:"):
             rest = url[len("sqlite:") :]
             path = self.path(rest) if rest else data_dir / "queue.db"
-            return QueueConfig(url, path, inline, keep_history=keep)
+            return QueueConfig(url, path, inline, keep_history=keep, lease=lease)
         if url.startswith(("postgresql://", "postgres://")):
             node = self.string(t, "node", "queue.node", "") or _default_node(data_dir)
             if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", node):
                 raise self.fail("queue.node", f"{node!r} is not a node name", "1..64 of A-Z a-z 0-9 . _ : -")
             pool = self.integer(t, "pool_size", "queue.pool_size", 10, 2, 1000)
-            return QueueConfig(url, None, inline, keep_history=keep, node=node, pool_size=pool)
+            return QueueConfig(url, None, inline, keep_history=keep, node=node, pool_size=pool, lease=lease)
         raise self.fail(
             "queue.url",
             f"{url!r} is not a queue URL",

@@ -65,6 +65,9 @@ class QueueConfig:
     # "NODE/agent"); default hostname-HASH of data_dir. "" with SQLite (one node).
     node: str = ""
     pool_size: int = 10  # PostgreSQL: connections per process (the server and its delivery worker)
+    # How long a delivery claim lasts unless its worker renews it (every third of it,
+    # while it holds the work): a dead worker's mail is free again within about this.
+    lease: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)

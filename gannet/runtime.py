@@ -221,6 +221,8 @@ class DeliveryWorker:
                 str(read_fd),
                 "--log-format",
                 self.log_format,
+                "--parent-pid",
+                str(os.getpid()),
                 pass_fds=(read_fd,),
                 stdin=asyncio.subprocess.PIPE,
             )

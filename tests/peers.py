@@ -96,7 +96,7 @@ PACKAGES = {
     "postfix": "postfix", "postconf": "postfix", "smtp-source": "postfix", "smtp-sink": "postfix",
     "postqueue": "postfix", "swaks": "swaks", "dovecot": "dovecot-imapd", "doveadm": "dovecot-core",
     "dnsmasq": "dnsmasq", "opendkim-testkey": "opendkim-tools", "haproxy": "haproxy", "opendkim": "opendkim",
-    "initdb": "postgresql", "pg_ctl": "postgresql", "chromium": "chromium",
+    "initdb": "postgresql", "pg_ctl": "postgresql", "postgres": "postgresql", "chromium": "chromium",
     "bsd-mailx": "bsd-mailx", "systemd-analyze": "systemd",
 }
 

@@ -144,6 +144,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
         bounces=bounces,
         on_enqueued=wake,
         gather=GATHER,
+        lease_seconds=config.queue.lease,
     )
     local: LocalDelivery | Scheduler
     if config.mailboxes.lmtp:
@@ -159,6 +160,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
             lmtp=True,
             on_enqueued=wake,
             gather=GATHER,
+            lease_seconds=config.queue.lease,
         )
     else:
         local = LocalDelivery(
@@ -171,6 +173,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
             batch_sync=config.delivery.maildir_sync == "batch",
             bounces=bounces,
             on_enqueued=wake,
+            lease_seconds=config.queue.lease,
         )
     agents += [local, remote]
 
@@ -183,5 +186,6 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
         keep_history=config.queue.keep_history,
         on_released=wake,
         owner=owner_name(config.queue, SWEEP_OWNER),
+        lease_seconds=config.queue.lease,
     )
     return Agents(local=local, remote=remote, sweep=sweep, bounces=bounces)

@@ -6,7 +6,11 @@
   error is logged and waited out (ERROR_PAUSE), never raised (None);
 - `_idle()`: nothing was due: sleep until the next due recipient (or
   IDLE_CAP), cut short by `wake()`; then, if woken, gather `gather` seconds
-  so that mail arriving message by message is claimed in batches.
+  so that mail arriving message by message is claimed in batches;
+- `_leases` (leases.LeaseKeeper): what `_claim` leased is held and renewed
+  every third of `lease_seconds` from `_begin()` to `_end()`; the agent lets
+  go of recipients once their outcome is recorded, and drops work whose
+  lease `holds()` no longer (taken over elsewhere).
 
 The wake event is cleared *before* each claim: a wake() after that means work
 the claim may have missed, so the idle wait that follows must not sleep.
@@ -20,6 +24,7 @@ import asyncio
 import logging
 
 from gannet.clock import Clock
+from gannet.delivery.leases import LeaseKeeper
 from gannet.delivery.local_decisions import idle_delay
 from gannet.queue.model import Claim, Transport
 from gannet.queue.store import QueueStore
@@ -45,11 +50,17 @@ class ClaimLoop:
         self._transport = transport
         self._owner = owner
         self._lease_seconds = lease_seconds
+        self._leases = LeaseKeeper(store, clock, owner=owner, lease_seconds=lease_seconds)
         self._gather = gather
         self._wake = asyncio.Event()
         self._stopping = False
         self._started = False
         self._finished = asyncio.Event()
+
+    @property
+    def leases(self) -> LeaseKeeper:
+        """What this agent holds and renews (counters for logs, metrics and tests)."""
+        return self._leases
 
     def wake(self) -> None:
         """Work is due now: end any idle sleep."""
@@ -70,15 +81,17 @@ class ClaimLoop:
         if self._started:
             raise RuntimeError(f"{type(self).__name__}.run() may be called only once")
         self._started = True
+        self._leases.start()
 
     def _end(self) -> None:
+        self._leases.stop()
         self._finished.set()
 
     async def _claim(self, limit: int) -> list[Claim] | None:
         """Due claims ([] when none), or None after a store error (already waited out)."""
         self._wake.clear()
         try:
-            return await self._store.claim_due(
+            claims = await self._store.claim_due(
                 self._clock.now(),
                 limit=limit,
                 lease_seconds=self._lease_seconds,
@@ -89,6 +102,8 @@ class ClaimLoop:
             log.exception("%s delivery: claiming due recipients failed", self._owner)
             await self._sleep_or_wake(ERROR_PAUSE)
             return None
+        self._leases.hold(claims)
+        return claims
 
     async def _idle(self) -> None:
         if self._stopping:

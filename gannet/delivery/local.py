@@ -53,6 +53,7 @@ from gannet.delivery.attempts import Verdict, verdict
 from gannet.delivery.bounces import Bounces
 from gannet.delivery.claim_loop import ClaimLoop
 from gannet.delivery.dsn import RecipientReport
+from gannet.delivery.leases import DEFAULT_LEASE
 from gannet.delivery.local_decisions import (
     BadMailbox,
     TempError,
@@ -156,7 +157,7 @@ class LocalDelivery(ClaimLoop):
         clock: Clock,
         owner: str = "local",
         executor: Executor | None = None,
-        lease_seconds: float = 300.0,
+        lease_seconds: float = DEFAULT_LEASE,
         batch: int = 64,
         max_batches: int = 3,
         bounces: Bounces | None = None,
@@ -240,6 +241,12 @@ class LocalDelivery(ClaimLoop):
     # -- one batch ------------------------------------------------------------
 
     async def _run_batch(self, claims: list[Claim], executor: Executor) -> None:
+        try:
+            await self._deliver_batch(claims, executor)
+        finally:  # recorded, given up, or a bug: renewing them further would keep them here for ever
+            self._leases.let_go(r for c in claims for r in c.recipients)
+
+    async def _deliver_batch(self, claims: list[Claim], executor: Executor) -> None:
         if self._batch_sync:
             attempts = await self._write_batch(claims, executor)
         else:
@@ -247,11 +254,17 @@ class LocalDelivery(ClaimLoop):
             attempts = [a for claim_attempts in per_claim for a in claim_attempts]
             attempts = await self._sync_new_dirs(attempts, executor)
         verdicts = [(a.claim, self._conclude(a.claim, a.rcpt, a.result)) for a in attempts]
+        # A lease taken over meanwhile (this process missed its renewals) is not
+        # ours to record: the new holder delivers it (a duplicate, never a loss).
+        kept = [(c, v) for c, v in verdicts if self._leases.holds((v.rcpt,))]
+        if len(kept) < len(verdicts):
+            lost = len(verdicts) - len(kept)
+            log.warning("local delivery: %d outcome(s) not recorded: lease taken over", lost)
         now = self._clock.now()
         outcomes = [
-            RecipientOutcome(v.rcpt.recipient_id, v.rcpt.lease_token, v.outcome, now) for _, v in verdicts
+            RecipientOutcome(v.rcpt.recipient_id, v.rcpt.lease_token, v.outcome, now) for _, v in kept
         ]
-        dsns = await self._make_dsns(verdicts, now)
+        dsns = await self._make_dsns(kept, now)
         await self._record(outcomes, dsns)
         if any(isinstance(o.outcome, Deferred) for o in outcomes):
             # The idle sleep was computed while these were leased; their new

@@ -19,10 +19,18 @@ through) has its waiting mail deferred at once and the store told to push
 its queued mail to the end of its backoff (`defer_destination`); fresh mail
 for it is deferred without an attempt until then. Nothing else waits for it.
 
+Leases: claims are short (`[queue] lease`) and renewed while held, waiting
+or in flight (claim_loop / leases.LeaseKeeper). A job whose lease was taken
+over elsewhere (this process missed its renewals) is dropped unsent and its
+outcome never recorded. A job still waiting when its lease is about to end
+unrenewed (renewals failing: the database unreachable, this process stalled)
+is handed back, due now, rather than started on a lease that may lapse.
+
 Invariants: a recipient is Delivered only on the next hop's 2xx for it; any
 error not understood is temporary (Deferred, retried) — never a drop; if
-this process dies, the leases expire (or the restarted worker releases
-them) and the recipients are tried again: a duplicate at worst.
+this process dies, the leases expire within one lease length (or the
+restarted worker releases them) and the recipients are tried again: a
+duplicate at worst.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from gannet.delivery.bounces import Bounces
 from gannet.delivery.claim_loop import ClaimLoop
 from gannet.delivery.destination import Destination, Job, SharedBody
 from gannet.delivery.dns import DnsError
+from gannet.delivery.leases import DEFAULT_LEASE
 from gannet.delivery.outbound import OutboundConnection, OutboundOptions, SessionFailure
 from gannet.delivery.outcome_log import log_outcome
 from gannet.delivery.recorder import OutcomeRecorder
@@ -75,6 +84,7 @@ class SchedulerStats:
     connections: int = 0  # opened
     reused: int = 0  # messages sent over an already used connection
     suspended: int = 0  # times a destination was found dead
+    lost: int = 0  # recipients whose lease was taken over while held here (dropped, not recorded)
 
 
 class Scheduler(ClaimLoop):
@@ -94,7 +104,7 @@ class Scheduler(ClaimLoop):
         lmtp: bool = False,
         batch: int = 200,
         max_inflight: int = 20_000,
-        lease_seconds: float = 3600.0,
+        lease_seconds: float = DEFAULT_LEASE,
         on_enqueued: Callable[[], None] = lambda: None,
         gather: float = 0.0,
     ) -> None:
@@ -113,8 +123,11 @@ class Scheduler(ClaimLoop):
         self._lmtp = lmtp
         self._batch = batch
         self._max_inflight = max_inflight
-        # A job still waiting this close to its lease's end is handed back.
-        self._stale_margin = min(lease_seconds / 2, delivery.command_timeout + delivery.data_timeout)
+        # A job still waiting this close to its lease's end is handed back. Renewed
+        # every third of a lease, a held lease never gets closer than two thirds
+        # to its end unless a renewal failed; a transaction once started is kept
+        # alive by the renewals, so the margin need not cover its timeouts.
+        self._stale_margin = lease_seconds / 3
         self._on_enqueued = on_enqueued
         self._recorder = OutcomeRecorder(store, clock, self._committed)
         self._destinations: dict[str, Destination] = {}
@@ -196,6 +209,13 @@ class Scheduler(ClaimLoop):
     # -- routing --------------------------------------------------------------------
 
     async def _dispatch(self, claims: list[Claim]) -> None:
+        try:
+            await self._route_claims(claims)
+        except Exception:  # a bug: see _forget (jobs already queued are dropped at _send)
+            self._leases.let_go(r for c in claims for r in c.recipients)
+            raise
+
+    async def _route_claims(self, claims: list[Claim]) -> None:
         domains = list(dict.fromkeys(r.domain for c in claims for r in c.recipients))
         found = await asyncio.gather(*(self._route(d) for d in domains))
         routes = dict(zip(domains, found, strict=True))
@@ -271,6 +291,7 @@ class Scheduler(ClaimLoop):
 
     async def _work(self, d: Destination, first: Job) -> None:
         job: Job | None = first
+        unfinished: Job | None = first  # ours and not yet given to _finish: abandoned if a bug escapes
         conn: OutboundConnection | None = None
         try:
             conn = await self._connection(d, first)
@@ -281,13 +302,16 @@ class Scheduler(ClaimLoop):
             while job is not None:
                 if used:
                     self.stats.reused += 1
+                unfinished = job
                 await self._send(d, conn, job)
+                unfinished = None
                 used = True
                 if self._stopping or not conn.usable or not d.jobs:
                     break
-                job = d.jobs.popleft()
+                job = unfinished = d.jobs.popleft()
                 if not await conn.reset():
                     d.jobs.appendleft(job)  # another connection takes it
+                    unfinished = None
                     break
             d.connected -= 1
             if conn.usable and not self._stopping:
@@ -295,6 +319,10 @@ class Scheduler(ClaimLoop):
                 cache = self._delivery.connection_cache_time
                 asyncio.get_running_loop().call_later(cache * 1.01, self._expire_idle, d)
                 conn = None
+        except Exception:
+            if unfinished is not None:
+                self._forget(unfinished, lost=False)
+            raise
         finally:
             if conn is not None:
                 await conn.close()
@@ -398,7 +426,10 @@ class Scheduler(ClaimLoop):
     async def _send(self, d: Destination, conn: OutboundConnection, job: Job) -> None:
         claim = job.claim
         now = self._clock.now()
-        if now > claim.lease_until - self._stale_margin:
+        if not self._leases.holds(job.recipients):
+            self._forget(job, lost=True)
+            return
+        if now > self._leases.lease_end(claim) - self._stale_margin:
             # Waited in memory too long: hand it back before the lease runs out.
             verdicts = [
                 Verdict(r, Deferred("4.4.0 not tried in time; due again now", now)) for r in job.recipients
@@ -466,6 +497,18 @@ class Scheduler(ClaimLoop):
         if job.body.users <= 0:
             job.body.load = None
 
+    def _forget(self, job: Job, *, lost: bool) -> None:
+        """Give a job up unrecorded: its lease is someone else's now (`lost`), or a
+        bug ended the task holding it: no longer renewed, it lapses and is tried
+        again rather than being kept here for ever."""
+        if lost:
+            log.warning("%s: lease taken over elsewhere; not delivered here", job.claim.queue_id)
+            self.stats.lost += len(job.recipients)
+        self._leases.let_go(job.recipients)
+        self._inflight -= len(job.recipients)
+        self._room.set()
+        self._release(job)
+
     async def _finish(
         self,
         claim: Claim,
@@ -478,21 +521,30 @@ class Scheduler(ClaimLoop):
         now = self._clock.now()
         delay = now - claim.received_at
         outcomes = []
+        kept: list[Verdict] = []  # those whose lease is still ours: the others are not recorded
         for v in verdicts:
-            outcomes.append(RecipientOutcome(v.rcpt.recipient_id, v.rcpt.lease_token, v.outcome, now))
             log_outcome(claim.queue_id, v.rcpt.address, v.outcome, relay=relay, delay=delay, now=now, tls=tls)
+            if self._leases.holds((v.rcpt,)):
+                kept.append(v)
+                outcomes.append(RecipientOutcome(v.rcpt.recipient_id, v.rcpt.lease_token, v.outcome, now))
+            else:
+                self.stats.lost += 1
             if isinstance(v.outcome, Delivered):
                 self.stats.delivered += 1
             elif isinstance(v.outcome, Deferred):
                 self.stats.deferred += 1
             else:
                 self.stats.failed += 1
-        reports = [v.report for v in verdicts if v.report is not None]
+        if len(kept) < len(verdicts):
+            log.warning("%s: lease taken over elsewhere meanwhile; outcome not recorded", claim.queue_id)
+        reports = [v.report for v in kept if v.report is not None]
         dsns = []
         if reports and self._bounces is not None:
             dsns = await self._bounces.reports(
                 claim, reports, now=now, content=content if isinstance(content, bytes) else None
             )
-        self._recorder.add(outcomes, dsns)
+        if outcomes:  # renewed until recorded (or given up): until then they are still ours
+            rcpts = [v.rcpt for v in kept]
+            self._recorder.add(outcomes, dsns).add_done_callback(lambda _: self._leases.let_go(rcpts))
         self._inflight -= len(verdicts)
         self._room.set()

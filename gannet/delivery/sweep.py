@@ -62,7 +62,9 @@ class Sweep:
         keep_history: float | None = None,  # None: never prune (the store keeps everything)
         on_released: Callable[[], None] = lambda: None,  # work became due: wake the delivery loops
         owner: str = OWNER,  # the lease owner name (agents.py: "NODE/sweep" on a shared queue)
+        lease_seconds: float = 300.0,  # its claims are recorded at once: never renewed
     ) -> None:
+        self._lease_seconds = lease_seconds
         self._owner = owner
         self._store = store
         self._delivery = delivery
@@ -102,7 +104,7 @@ class Sweep:
         days = self._delivery.give_up_after / 86400
         while not self._stopping.is_set():
             claims = await self._store.claim_expired(
-                now, received_before=cutoff, limit=BATCH, lease_seconds=300.0, owner=self._owner
+                now, received_before=cutoff, limit=BATCH, lease_seconds=self._lease_seconds, owner=self._owner
             )
             if not claims:
                 break

@@ -19,6 +19,11 @@ Protocol with the parent (runtime.DeliveryWorker):
 - end-of-file on the pipe means the parent is gone: stop (finish the writes
   in flight, record them, exit), so no worker outlives its server;
 - SIGTERM: the same graceful stop. A config reload restarts the worker.
+  The kernel sends it too when the server dies, even before the pipe is
+  watched (parent_watch.py: a worker waiting for the lock below);
+- a graceful stop is bounded (STOP_GRACE, inside the server's own 30 s):
+  deliveries still hanging then are abandoned, their leases left to expire
+  or to the next worker's release — a server that is gone cannot kill us.
 - SIGUSR1: flush: forget dead destinations and look at the queue now
   (`gannet queue retry/release` send it, so that a flush waits neither for
   the idle timer nor for a destination's backoff); the worker's PID is in
@@ -48,6 +53,8 @@ from gannet.delivery.agents import OWNERS, build_agents
 from gannet.queue.configured import Opener, make_store, owner_name
 
 log = logging.getLogger("gannet.delivery")
+
+STOP_GRACE = 25.0  # seconds for the agents to finish what they hold once told to stop
 
 
 async def run_worker(config: Config, wake_fd: int) -> int:
@@ -94,7 +101,14 @@ async def run_worker(config: Config, wake_fd: int) -> int:
         ]
         await stopping.wait()
         agents.sweep.stop()
-        await asyncio.gather(agents.local.stop(), agents.remote.stop())
+        try:
+            await asyncio.wait_for(asyncio.gather(agents.local.stop(), agents.remote.stop()), STOP_GRACE)
+        except TimeoutError:
+            log.warning(
+                "delivery worker: deliveries still running after %.0fs are abandoned; "
+                "their leases expire, or the next worker releases them",
+                STOP_GRACE,
+            )
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

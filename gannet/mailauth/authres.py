@@ -22,6 +22,7 @@ Pure functions over strings and bytes; no I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,12 +53,18 @@ class ResInfo:
         return out
 
 
+_COMMENT_SAFE = re.compile(r"[ -'*-\[\]-~]*")  # printable ASCII but ( ) and backslash
+
+
 def comment_text(text: str, limit: int = 200) -> str:
     """Text safe inside an RFC 5322 comment: printable, no parentheses or backslashes."""
-    cleaned = "".join(c if 32 <= ord(c) < 127 and c not in "()\\" else " " for c in text[:limit])
-    return " ".join(cleaned.split())
+    text = text[:limit]
+    if not _COMMENT_SAFE.fullmatch(text):
+        text = "".join(c if 32 <= ord(c) < 127 and c not in "()\\" else " " for c in text)
+    return " ".join(text.split())
 
 
+@functools.lru_cache(maxsize=4096)  # addresses, domains and selectors repeat from message to message
 def pvalue(value: str) -> str:
     """An RFC 8601 pvalue: an address or domain as is, a token as is, else a quoted string."""
     local, at, domain = value.rpartition("@")
@@ -71,19 +78,21 @@ def pvalue(value: str) -> str:
 
 def value(authserv_id: str, results: Sequence[ResInfo]) -> str:
     """The field's value on one line (what ARC's seal copies): "id; spf=pass ...; dkim=..."."""
-    if not results:
-        return f"{authserv_id}; none"  # RFC 8601 §2.2: "none" when nothing was checked
-    return "; ".join([authserv_id, *(r.text() for r in results)])
+    return render_both(authserv_id, results)[1]
 
 
 def render(authserv_id: str, results: Sequence[ResInfo]) -> bytes:
     """The whole header field, folded one resinfo per line, CRLF-terminated."""
-    if not results:
-        return f"{HEADER_NAME}: {authserv_id}; none\r\n".encode()
-    parts = [f"{HEADER_NAME}: {authserv_id};"]
-    parts += [f"\t{r.text()};" for r in results]
-    parts[-1] = parts[-1][:-1]
-    return ("\r\n".join(parts) + "\r\n").encode("utf-8")
+    return render_both(authserv_id, results)[0]
+
+
+def render_both(authserv_id: str, results: Sequence[ResInfo]) -> tuple[bytes, str]:
+    """(`render`, `value`), each resinfo's text made once."""
+    if not results:  # RFC 8601 §2.2: "none" when nothing was checked
+        return f"{HEADER_NAME}: {authserv_id}; none\r\n".encode(), f"{authserv_id}; none"
+    texts = [r.text() for r in results]
+    field = f"{HEADER_NAME}: {authserv_id};\r\n\t" + ";\r\n\t".join(texts) + "\r\n"
+    return field.encode("utf-8"), "; ".join([authserv_id, *texts])
 
 
 def authserv_id(field_value: bytes | str) -> str:

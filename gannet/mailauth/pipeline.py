@@ -19,9 +19,15 @@ a file) and before `store.enqueue()`. In order:
 5. one rewrite of the body (in memory, or a new fsync'd spool file renamed
    over the old one) with everything prepended and the forged fields gone.
 
-Signing and sealing need the whole message in memory: above
-`[mailauth] max_verify_size` they are skipped with a log line (as DKIM/ARC
-verification is). Both are CPU-bound and run in the default executor.
+Size. Up to `[mailauth] max_verify_size` the message is signed or sealed in
+memory. Above it, signing still happens (our users' mail is signed whatever
+its size): the header section is read (at most 1 MiB of it) and the body
+streamed from the spool file through `bodyhash.RelaxedBodyHash`, so memory
+stays bounded. Sealing is skipped above that size, with a log line: dkimpy's
+ARC code needs the whole message (and so does verification, which has
+already reported such a message as too large). A header section that does
+not end within 1 MiB is not signed either. All of it is CPU work in the
+default executor.
 
 Logged: a DMARC result other than pass/none, an SPF fail, a quarantine, a
 refusal; every message's results are stored with it (`gannet trace ID`).
@@ -39,11 +45,20 @@ from dataclasses import dataclass
 
 from gannet.config import DmarcMode
 from gannet.mailauth import authres
+from gannet.mailauth.bodyhash import RelaxedBodyHash
 from gannet.mailauth.checks import InboundChecks, Verdict
 from gannet.mailauth.signing import Signer
 from gannet.mailauth.spf import SpfOutcome
-from gannet.message.rewrite import DropField, read_all, rewrite, rewrite_bytes
-from gannet.queue.model import Body
+from gannet.message.rewrite import (
+    COPY_CHUNK,
+    DropField,
+    header_end,
+    read_all,
+    read_head,
+    rewrite,
+    rewrite_bytes,
+)
+from gannet.queue.model import Body, InlineBody
 from gannet.smtp.replies import Reply
 
 log = logging.getLogger("gannet.mailauth")
@@ -78,7 +93,7 @@ async def process(
     body: Body,
     checks: InboundChecks | None,
     signer: Signer | None,
-    spf_task: asyncio.Task[SpfOutcome] | None,
+    spf_task: asyncio.Future[SpfOutcome] | None,
 ) -> Processed:
     verdict: Verdict | None = None
     if facts.check and checks is not None:
@@ -118,12 +133,14 @@ async def _signatures(
 ) -> bytes:
     """DKIM-Signature or ARC lines for the message as it will be queued (CPU work, in an executor)."""
     what = "signed" if facts.sign else "sealed"
-    if body.size > facts.max_size:
-        log.info("%s: not %s: %d bytes is over [mailauth] max_verify_size", facts.queue_id, what, body.size)
+    if body.size > facts.max_size and not facts.sign:
+        log.info("%s: not sealed: %d bytes is over [mailauth] max_verify_size", facts.queue_id, body.size)
         return b""
-    message, _ = rewrite_bytes(await read_all(body), prepend, drop)
     loop = asyncio.get_running_loop()
     try:
+        if body.size > facts.max_size:
+            return await _sign_streamed(facts, body, prepend, drop, signer)
+        message, _ = rewrite_bytes(await read_all(body), prepend, drop)
         if facts.sign:
             return await loop.run_in_executor(None, signer.sign, message)
         assert verdict is not None
@@ -131,6 +148,40 @@ async def _signatures(
     except Exception as exc:  # a signer bug must not cost the message
         log.error("%s: not %s: %r", facts.queue_id, what, exc)
         return b""
+
+
+async def _sign_streamed(
+    facts: MessageFacts, body: Body, prepend: bytes, drop: DropField | None, signer: Signer
+) -> bytes:
+    """Sign a message too large to load: its header section as it will be queued, its body
+    hashed from the spool in chunks."""
+    start = await read_head(body)
+    end = header_end(start)
+    if end < 0:
+        log.warning("%s: not signed: the header section does not end within %d bytes", facts.queue_id,
+                    len(start))  # fmt: skip
+        return b""
+    head, _ = rewrite_bytes(start[:end], prepend, drop)  # our fields on top, the blank line kept
+    if not signer.signs(head):
+        return b""
+
+    def work() -> bytes:
+        return signer.sign_header(head, _body_hash(body, end))
+
+    return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+def _body_hash(body: Body, offset: int) -> bytes:
+    """The relaxed body hash of everything after `offset` (the end of the header section)."""
+    digest = RelaxedBodyHash()
+    if isinstance(body, InlineBody):
+        digest.update(body.data[offset:])
+        return digest.digest()
+    with open(body.path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(COPY_CHUNK):
+            digest.update(chunk)
+    return digest.digest()
 
 
 def _all_well(summary: str) -> bool:

@@ -4,7 +4,9 @@
 `sign(message)` returns the DKIM-Signature header field(s) to prepend,
 `seal(message, auth_results)` the ARC set to prepend. Both take the whole
 message as it will be queued (CRLF line endings) and return CRLF-terminated
-header lines, or b"" when there is nothing to do. Both are pure CPU work with no
+header lines, or b"" when there is nothing to do; `sign_header(head, body_hash)`
+signs a message too large to load from its header section and the hash of its
+body, streamed from the spool (`bodyhash`). Both are pure CPU work with no
 I/O, safe to call from several threads (the keys are immutable).
 
 What is signed:
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import hashlib
 import logging
 import re
 import time
@@ -56,6 +59,7 @@ import dkim
 from dkim.canonicalization import CanonicalizationPolicy
 
 from gannet.config import Config
+from gannet.mailauth.dkim_verify import B_TAG
 from gannet.mailauth.keys import KeyAlgorithm, SigningKey, load_keys, pem_pkcs8
 
 log = logging.getLogger("gannet.mailauth")
@@ -96,7 +100,7 @@ def signed_field(
     `DomainSigner.gen_header`, so its verifier and ours agree byte for byte.
     """
     value = dkim.fold(_fields_text(fields), namelen=len(name), linesep=_CRLF)
-    value = dkim.RE_BTAG.sub(b"\\1", value)
+    value = B_TAG.sub(b"\\1", value)
     hasher = dkim.HASH_ALGORITHMS[key.algorithm.signature_algorithm]()
     dkim.hash_headers(
         hasher, _RELAXED, _RELAXED.canonicalize_headers(list(headers)), include_headers,
@@ -204,21 +208,51 @@ class Signer:
 
     def sign(self, message: bytes, *, now: float | None = None) -> bytes:
         """DKIM-Signature field(s) to prepend; b"" when no key matches the From domain."""
-        try:
-            headers, body = split_message(message)
-        except dkim.DKIMException as exc:
-            log.warning("dkim: message not signed: cannot parse its header (%s)", exc)
+        parsed = self._parse(message)
+        if parsed is None:
             return b""
-        domain = from_domain(headers)
-        keys = self.by_domain.get(domain or "", ())
+        headers, body = parsed
+        keys = self.by_domain.get(from_domain(headers) or "", ())
         if not keys:
             return b""
+        return self._signatures(headers, keys, hashlib.sha256(relaxed_body(body)).digest(), now)
+
+    def sign_header(self, message: bytes, body_hash: bytes, *, now: float | None = None) -> bytes:
+        """`sign` for a message whose body is not at hand: its header section (anything after the
+        blank line is ignored) and `body_hash`, the SHA-256 of its relaxed canonical body
+        (`bodyhash.RelaxedBodyHash`; rsa-sha256 and ed25519-sha256 both hash with SHA-256)."""
+        parsed = self._parse(message)
+        if parsed is None:
+            return b""
+        headers = parsed[0]
+        keys = self.by_domain.get(from_domain(headers) or "", ())
+        return self._signatures(headers, keys, body_hash, now) if keys else b""
+
+    def signs(self, message: bytes) -> bool:
+        """Whether `sign` would sign this message (or header section): a key for its From domain."""
+        try:
+            headers, _ = split_message(message)
+        except dkim.DKIMException:
+            return False
+        return (from_domain(headers) or "") in self.by_domain
+
+    @staticmethod
+    def _parse(message: bytes) -> tuple[list[Header], bytes] | None:
+        try:
+            return split_message(message)
+        except dkim.DKIMException as exc:
+            log.warning("dkim: message not signed: cannot parse its header (%s)", exc)
+            return None
+
+    @staticmethod
+    def _signatures(
+        headers: list[Header], keys: Sequence[SigningKey], body_hash: bytes, now: float | None
+    ) -> bytes:
         include = headers_to_sign(headers)
         timestamp = str(int(time.time() if now is None else now)).encode("ascii")
-        canonical_body = relaxed_body(body)
+        bh = base64.b64encode(body_hash)
         out = []
         for key in keys:
-            hasher = dkim.HASH_ALGORITHMS[key.algorithm.signature_algorithm]
             fields = [
                 (b"v", b"1"),
                 (b"a", key.algorithm.signature_algorithm),
@@ -227,7 +261,7 @@ class Signer:
                 (b"s", key.selector.encode("ascii")),
                 (b"t", timestamp),
                 (b"h", b" : ".join(include)),
-                (b"bh", base64.b64encode(hasher(canonical_body).digest())),
+                (b"bh", bh),
                 (b"b", b"0" * 60),  # placeholder: makes b= start on its own folded line
             ]
             out.append(b"DKIM-Signature: " + signed_field(b"DKIM-Signature", fields, include, headers, key))

@@ -16,13 +16,18 @@ How (docs/queue.md "PostgreSQL store"):
   node can deliver any message, and a node's disk holds nothing the cluster
   needs. A spooled body is read off the spool file (in an executor), copied
   in the enqueue transaction, and its file removed after that COMMIT.
-  `body_file` is therefore always None: callers use read_body.
+  `body_file` is therefore always None: callers use read_body. A small body
+  (≤ 64 KiB) comes with its claim, in the same statement, and read_body
+  hands it out once from memory (`Prefetched`): the delivery that follows a
+  claim would otherwise cost a round trip per message.
 - Claims: `FOR UPDATE SKIP LOCKED` + a lease (owner, token, until) in one
   statement, committed with `synchronous_commit = off` (a claim lost in a
   database crash is simply due again). A lease that expires is claimable by
   any node; `record` is fenced by the token. Owner names must be unique per
   node (delivery/agents.py prefixes them with the node identity), because
-  `release_leases(owner)` frees every lease of that name.
+  `release_leases(owner)` frees every lease of that name. A worker renews
+  the leases it still holds (`renew_leases`, postgres_leases.py), so they
+  can be short: a dead node's work is free again within one lease length.
 - Everything nodes must agree on — per-destination backoff, held, retry,
   deleted — is a row in the database, never process memory.
 - Crash recovery at open (`recover=True`, the serving process) only clears
@@ -43,6 +48,7 @@ import enum
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +57,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
+from gannet.queue import postgres_leases
 from gannet.queue import postgres_ops as ops
 from gannet.queue import postgres_views as views
 from gannet.queue.model import (
@@ -72,6 +79,7 @@ from gannet.queue.postgres_writer import EnqueueWriter, WriterStats
 log = logging.getLogger("gannet.queue")
 T = TypeVar("T")
 
+
 class Mode(enum.Enum):
     """How `_run` runs an operation."""
 
@@ -82,6 +90,37 @@ class Mode(enum.Enum):
 
 
 POOL_TIMEOUT = 10.0  # seconds to wait for a connection (the database is down or the pool exhausted)
+PREFETCH_BODY = 64 * 1024  # bodies up to this size come with their claim (one round trip fewer each)
+PREFETCH_BUDGET = 16 * 1024 * 1024  # at most this much prefetched content held, the oldest dropped first
+
+
+class Prefetched:
+    """Bodies that came with a claim, until read_body takes them (once each).
+
+    Bounded: past `budget` bytes the oldest go (read_body then reads the
+    database, as it would have anyway). A body never changes once stored, so
+    an entry is never stale; one whose message was deleted meanwhile is only
+    memory, and the delivery that reads it is fenced off at record."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._bodies: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def keep(self, bodies: dict[str, bytes]) -> None:
+        for queue_id, data in bodies.items():
+            self.take(queue_id)
+            self._bodies[queue_id] = data
+            self._bytes += len(data)
+        while self._bytes > self._budget:
+            _qid, old = self._bodies.popitem(last=False)
+            self._bytes -= len(old)
+
+    def take(self, queue_id: str) -> bytes | None:
+        data = self._bodies.pop(queue_id, None)
+        if data is not None:
+            self._bytes -= len(data)
+        return data
 
 
 class PostgresStore:
@@ -116,6 +155,7 @@ class PostgresStore:
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] | None = None
         self._writer: EnqueueWriter | None = None
         self._stats = WriterStats()  # kept across close/open
+        self._prefetched = Prefetched(PREFETCH_BUDGET)
 
     @property
     def stats(self) -> WriterStats:
@@ -206,8 +246,10 @@ class PostgresStore:
         body = message.body
         if not isinstance(body, SpooledBody):
             return ops.Prepared(message, (body.data,))
-        if not body.path.is_absolute() or not body.path.is_relative_to(self.spool_dir) or (
-            ".." in body.path.parts
+        if (
+            not body.path.is_absolute()
+            or not body.path.is_relative_to(self.spool_dir)
+            or (".." in body.path.parts)
         ):
             raise ValueError(f"spooled body {body.path} is not inside {self.spool_dir}")
         try:
@@ -229,11 +271,16 @@ class PostgresStore:
         owner: str,
         transport: Transport | None = None,
     ) -> list[Claim]:
-        # One statement that commits lazily by itself (postgres_ops._LAZY).
-        args = (now, limit, lease_seconds, owner, transport)
-        return await self._run(ops.claim_due, *args, mode=Mode.STATEMENT)
+        # One statement that commits lazily by itself (postgres_ops._CLAIM_TEMPLATE).
+        args = (now, limit, lease_seconds, owner, transport, PREFETCH_BODY)
+        claims, bodies = await self._run(ops.claim_due, *args, mode=Mode.STATEMENT)
+        self._prefetched.keep(bodies)
+        return claims
 
     async def read_body(self, queue_id: str) -> bytes:
+        prefetched = self._prefetched.take(queue_id)
+        if prefetched is not None:  # came with its claim, a moment ago
+            return prefetched
         size, data = await self._run(views.read_body, queue_id, mode=Mode.STATEMENT)
         if len(data) != size:
             problem = f"the stored body has {len(data)} bytes, {size} were accepted"
@@ -251,6 +298,8 @@ class PostgresStore:
     ) -> list[str]:
         follow_ups = [await self._prepare(m) for m in enqueue]
         completed = await self._run(ops.record, self.node, tuple(outcomes), follow_ups)
+        for qid in completed:
+            self._prefetched.take(qid)
         for p in follow_ups:
             if isinstance(p.message.body, SpooledBody):
                 _unlink(p.message.body.path)
@@ -262,12 +311,15 @@ class PostgresStore:
     async def release_leases(self, owner: str) -> int:
         return await self._run(ops.release_leases, owner, mode=Mode.STATEMENT)
 
+    async def renew_leases(self, owner: str, leases: Sequence[tuple[int, str]], *, until: float) -> list[int]:
+        return await self._run(postgres_leases.renew_leases, owner, leases, until, mode=Mode.STATEMENT)
+
     async def claim_expired(
         self, now: float, *, received_before: float, limit: int, lease_seconds: float, owner: str
     ) -> list[Claim]:
-        return await self._run(
-            ops.claim_expired, now, received_before, limit, lease_seconds, owner, mode=Mode.STATEMENT
-        )
+        args = (now, received_before, limit, lease_seconds, owner)
+        claims, _bodies = await self._run(ops.claim_expired, *args, mode=Mode.STATEMENT)
+        return claims
 
     async def release_expired_leases(
         self, now: float, *, expired_before: float
@@ -298,6 +350,7 @@ class PostgresStore:
         return await self._run(ops.retry, queue_id, now)
 
     async def delete(self, queue_id: str, now: float) -> None:
+        self._prefetched.take(queue_id)
         await self._run(ops.delete, queue_id, now)
 
     async def trace(self, key: str) -> list[TraceEvent]:

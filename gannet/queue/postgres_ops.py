@@ -132,68 +132,67 @@ async def insert_messages(conn: Conn, node: str, batch: Sequence[Prepared]) -> N
 
 # --- claim ---------------------------------------------------------------------
 
-_LEASED_COLUMNS = """
-    RETURNING r.id, r.queue_id, r.address, r.transport, r.domain, r.mailbox, r.original, r.orcpt,
-        r.notify, r.attempts, r.warned, picked.sort_key
-"""
-_LEASE = """
+# A claim is ONE statement, run in autocommit mode (its own transaction): pick
+# due rows with SKIP LOCKED, lease them, return them with their messages and,
+# for small messages (up to `prefetch` bytes, one bodies row), their content:
+# the delivery that follows would read it at once, one round trip each. It
+# commits without waiting for the WAL flush (`lazy` sets synchronous_commit off
+# for that transaction alone): a claim lost in a database crash costs nothing
+# but a later attempt (the recipient is simply due again).
+_CLAIM_TEMPLATE = """
+    WITH lazy AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),
+    picked AS ({picked}),
     leased AS (
         UPDATE recipients r
         SET state = 'delivering', lease_owner = %(owner)s, lease_token = %(token)s, lease_until = %(until)s
         FROM picked WHERE r.id = picked.id
-    """ + _LEASED_COLUMNS + """
+        RETURNING r.id, r.queue_id, r.address, r.transport, r.domain, r.mailbox, r.original, r.orcpt,
+            r.notify, r.attempts, r.warned, picked.sort_key
     )
-    SELECT l.*, m.sender, m.received_at, m.envid, m.ret, m.smtputf8, m.body_8bit, m.size
+    SELECT l.*, m.sender, m.received_at, m.envid, m.ret, m.smtputf8, m.body_8bit, m.size,
+        CASE WHEN m.size <= %(prefetch)s AND row_number() OVER (PARTITION BY l.queue_id ORDER BY l.id) = 1
+            THEN (SELECT b.data FROM bodies b WHERE b.queue_id = l.queue_id AND b.seq = 0) END
     FROM leased l JOIN messages m ON m.queue_id = l.queue_id CROSS JOIN lazy
     ORDER BY l.sort_key, l.id
 """
-# A claim is one statement, run in autocommit mode (its own transaction), that
-# commits without waiting for the WAL flush: `lazy` sets synchronous_commit off
-# for that transaction alone. A claim lost in a database crash costs nothing but
-# a later attempt (the recipient is simply due again).
-_LAZY = """
-    lazy AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),"""
 # `due_at <= x` implies `due_at IS NOT NULL`: the planner uses the partial indexes.
-_CLAIM = (
-    """
-    WITH""" + _LAZY + """
-    picked AS (
+_CLAIM = _CLAIM_TEMPLATE.format(
+    picked="""
         SELECT id, due_at AS sort_key FROM recipients WHERE due_at <= %(now)s
-        ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-    ),"""
-    + _LEASE
+        ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED"""
 )
-_CLAIM_BY_TRANSPORT = (
-    """
-    WITH""" + _LAZY + """
-    picked AS (
+_CLAIM_BY_TRANSPORT = _CLAIM_TEMPLATE.format(
+    picked="""
         SELECT id, due_at AS sort_key FROM recipients WHERE transport = %(transport)s AND due_at <= %(now)s
-        ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-    ),"""
-    + _LEASE
+        ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED"""
 )
 # The sweep's claim: unfinished, unparked recipients of messages received
 # before a cutoff, whatever their next_attempt, unless under a live lease.
-_CLAIM_EXPIRED = (
-    """
-    WITH""" + _LAZY + """
-    picked AS (
+_CLAIM_EXPIRED = _CLAIM_TEMPLATE.format(
+    picked="""
         SELECT r.id, m.received_at AS sort_key
         FROM messages m JOIN recipients r ON r.queue_id = m.queue_id
         WHERE m.received_at < %(before)s AND r.due_at IS NOT NULL
           AND (r.state <> 'delivering' OR r.lease_until <= %(now)s)
-        ORDER BY m.received_at LIMIT %(limit)s FOR UPDATE OF r SKIP LOCKED
-    ),"""
-    + _LEASE
+        ORDER BY m.received_at LIMIT %(limit)s FOR UPDATE OF r SKIP LOCKED"""
 )
 
 
+Claimed = tuple[list[Claim], dict[str, bytes]]  # the claims, and the small bodies read with them
+
+
 async def claim_due(
-    conn: Conn, now: float, limit: int, lease_seconds: float, owner: str, transport: Transport | None
-) -> list[Claim]:
+    conn: Conn,
+    now: float,
+    limit: int,
+    lease_seconds: float,
+    owner: str,
+    transport: Transport | None,
+    prefetch: int = 0,
+) -> Claimed:
     if limit <= 0:
-        return []
-    params: dict[str, Any] = {"now": now, "limit": limit, "owner": owner}
+        return [], {}
+    params: dict[str, Any] = {"now": now, "limit": limit, "owner": owner, "prefetch": prefetch}
     if transport is None:
         return await _lease(conn, _CLAIM, params, now + lease_seconds)
     params["transport"] = transport.value
@@ -202,21 +201,27 @@ async def claim_due(
 
 async def claim_expired(
     conn: Conn, now: float, received_before: float, limit: int, lease_seconds: float, owner: str
-) -> list[Claim]:
+) -> Claimed:
     if limit <= 0:
-        return []
+        return [], {}
     params: dict[str, Any] = {"now": now, "before": received_before, "limit": limit, "owner": owner}
+    params["prefetch"] = 0  # the sweep fails recipients; it reads bodies only for some DSNs
     return await _lease(conn, _CLAIM_EXPIRED, params, now + lease_seconds)
 
 
-async def _lease(conn: Conn, sql: str, params: dict[str, Any], lease_until: float) -> list[Claim]:
+async def _lease(conn: Conn, sql: str, params: dict[str, Any], lease_until: float) -> Claimed:
     # One fresh token per claim: a worker that lost its lease holds an older one.
     token = secrets.token_hex(12)
-    cur = await conn.execute(sql, {**params, "token": token, "until": lease_until})  # type: ignore[arg-type]
+    # Binary results: the prefetched bodies arrive as bytes, not hex text.
+    cur = conn.cursor(binary=True)
+    await cur.execute(sql, {**params, "token": token, "until": lease_until})  # type: ignore[arg-type]
     by_message: dict[str, tuple[tuple[Any, ...], list[ClaimedRecipient]]] = {}
+    bodies: dict[str, bytes] = {}
     for row in await cur.fetchall():
         rid, qid, address, tr, domain, mailbox, original, orcpt, notify, attempts, warned = row[:11]
-        entry = by_message.setdefault(qid, (tuple(row[12:]), []))
+        entry = by_message.setdefault(qid, (tuple(row[12:19]), []))
+        if row[19] is not None and len(row[19]) == row[18]:  # the whole body (else read_body checks it)
+            bodies[qid] = bytes(row[19])
         entry[1].append(
             ClaimedRecipient(
                 rid, address, Transport(tr), domain, mailbox, original, orcpt, notify, attempts, token, warned
@@ -231,7 +236,7 @@ async def _lease(conn: Conn, sql: str, params: dict[str, Any], lease_until: floa
                 lease_until,
             )
         )  # fmt: skip
-    return claims
+    return claims, bodies
 
 
 _NEXT_DUE = "SELECT min(due_at) FROM recipients WHERE due_at IS NOT NULL"
@@ -279,8 +284,9 @@ _APPLY = """
 """
 
 
-async def record(conn: Conn, node: str, outcomes: Sequence[RecipientOutcome],
-                 follow_ups: Sequence[Prepared]) -> list[str]:
+async def record(
+    conn: Conn, node: str, outcomes: Sequence[RecipientOutcome], follow_ups: Sequence[Prepared]
+) -> list[str]:
     first: dict[int, RecipientOutcome] = {}
     for o in outcomes:  # the same recipient twice: the first outcome spends the token
         first.setdefault(o.recipient_id, o)

@@ -15,34 +15,33 @@ derived from the message row, as in the SQLite store.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from gannet.queue.model import (
     DeferralReason,
-    HistoryEntry,
     NoSuchMessage,
     QueuedMessageView,
     QueueFilter,
     QueueStats,
-    RecipientState,
-    RecipientView,
     StateCount,
     TraceEvent,
 )
 from gannet.queue.postgres_ops import Conn
+from gannet.queue.views import (
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
+    TRACE_COLUMNS,
+    message_view,
+    trace_events,
+    trace_keys,
+)
 
-_MESSAGE_VIEW = """
-    SELECT queue_id, sender, size, received_at, held, client, auth_user, message_id, envid, ret,
-        quarantined
-    FROM messages m
-"""
-_RECIPIENT_VIEW = """
-    SELECT queue_id, id, address, state, attempts, next_attempt, last_error, original
+_MESSAGE_VIEW = f"SELECT {MESSAGE_COLUMNS} FROM messages m"
+_RECIPIENT_VIEW = f"""
+    SELECT queue_id, {RECIPIENT_COLUMNS}
     FROM recipients WHERE queue_id = ANY(%s::text[]) ORDER BY id
 """
 _HISTORY_VIEW = "SELECT at, recipient, event, detail FROM history WHERE queue_id = %s ORDER BY at, id"
-_WAITING = ("queued", "deferred")
 
 
 def _where(f: QueueFilter) -> tuple[str, list[object]]:
@@ -70,46 +69,28 @@ def _where(f: QueueFilter) -> tuple[str, list[object]]:
     if f.older_than is not None:
         clauses.append("m.received_at < %s")
         params.append(f.older_than)
-    newer_than = getattr(f, "newer_than", None)
-    if newer_than is not None:
+    if f.newer_than is not None:
         clauses.append("m.received_at >= %s")
-        params.append(newer_than)
-    after = getattr(f, "after", None)
-    if after is not None:
+        params.append(f.newer_than)
+    if f.after is not None:  # keyset paging, in list order
         clauses.append("(m.received_at, m.queue_id) > (%s, %s)")
-        params += [after[0], after[1]]
+        params += [f.after[0], f.after[1]]
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 async def _views(conn: Conn, rows: list[tuple[Any, ...]], history: bool) -> list[QueuedMessageView]:
-    recipients: dict[str, list[RecipientView]] = {row[0]: [] for row in rows}
+    recipients: dict[str, list[tuple[Any, ...]]] = {row[0]: [] for row in rows}
     if rows:
         cur = await conn.execute(_RECIPIENT_VIEW, (list(recipients),))
-        for qid, rid, address, state, attempts, next_attempt, last_error, original in await cur.fetchall():
-            recipients[qid].append(
-                RecipientView(
-                    rid,
-                    address,
-                    RecipientState(state),
-                    attempts,
-                    next_attempt if state in _WAITING else None,
-                    last_error,
-                    original,
-                )
-            )
+        for qid, *recipient in await cur.fetchall():
+            recipients[qid].append(tuple(recipient))
     views = []
-    for qid, sender, size, received_at, held, client, auth_user, message_id, envid, ret, quar in rows:
-        events: tuple[HistoryEntry, ...] = ()
+    for row in rows:
+        events = None
         if history:
-            queued = HistoryEntry(received_at, "", "queued", client)  # derived, not stored
-            cur = await conn.execute(_HISTORY_VIEW, (qid,))
-            events = (queued, *(HistoryEntry(*h) for h in await cur.fetchall()))
-        views.append(
-            QueuedMessageView(
-                qid, sender, size, received_at, held, tuple(recipients[qid]), client, auth_user, message_id,
-                envid, ret, events, quar,
-            )
-        )  # fmt: skip
+            cur = await conn.execute(_HISTORY_VIEW, (row[0],))
+            events = await cur.fetchall()
+        views.append(message_view(row, recipients[row[0]], events))
     return views
 
 
@@ -162,44 +143,31 @@ async def read_body(conn: Conn, queue_id: str) -> tuple[int, bytes]:
 
 # --- trace ---------------------------------------------------------------------
 
-_TRACE_IN_QUEUE = """
-    SELECT queue_id, received_at, sender, size, client, message_id, NULL::float8 FROM messages
-    WHERE queue_id = %(key)s OR message_id IN (%(bare)s, %(angled)s)
+_TRACE_IN_QUEUE = f"""
+    SELECT {TRACE_COLUMNS}, NULL::float8 FROM messages
+    WHERE queue_id = %s OR message_id IN (%s, %s)
 """
-_TRACE_COMPLETED = """
-    SELECT queue_id, received_at, sender, size, client, message_id, completed_at FROM completed
-    WHERE queue_id = %(key)s OR message_id IN (%(bare)s, %(angled)s)
+_TRACE_COMPLETED = f"""
+    SELECT {TRACE_COLUMNS}, completed_at FROM completed
+    WHERE queue_id = %s OR message_id IN (%s, %s)
 """
 _TRACE_HISTORY = "SELECT at, recipient, event, detail, id FROM history WHERE queue_id = %s"
 
 
 async def trace(conn: Conn, key: str) -> list[TraceEvent]:
     """Events of the messages `key` names (store.py "History and trace")."""
-    key = key.strip()
-    bare = key[1:-1] if key.startswith("<") and key.endswith(">") else key
-    if not bare:
-        return []  # not "every message without a Message-ID"
-    params = {"key": key, "bare": bare, "angled": f"<{bare}>"}
-    found = []
+    keys = trace_keys(key)
+    if keys is None:
+        return []
+    found: list[tuple[Any, ...]] = []
     for sql in (_TRACE_IN_QUEUE, _TRACE_COMPLETED):
-        cur = await conn.execute(sql, params)
+        cur = await conn.execute(sql, keys)
         found += await cur.fetchall()
-    # (time, recording order, event): "received" first and "completed" last among equal times.
-    keyed: list[tuple[float, float, TraceEvent]] = []
-    for qid, received_at, sender, size, client, message_id, completed_at in found:
-        detail = f"from=<{sender}> size={size} client={client}"
-        if message_id:
-            detail += f" message-id={message_id}"
-        keyed.append((received_at, -1.0, TraceEvent(received_at, qid, "", "received", detail)))
-        deleted = False
-        cur = await conn.execute(_TRACE_HISTORY, (qid,))
-        for at, recipient, event, text, row_id in await cur.fetchall():
-            keyed.append((at, float(row_id), TraceEvent(at, qid, recipient, event, text)))
-            deleted = deleted or event == "deleted"
-        if completed_at is not None and not deleted:
-            keyed.append((completed_at, math.inf, TraceEvent(completed_at, qid, "", "completed", "")))
-    keyed.sort(key=lambda k: (k[0], k[1]))
-    return [event for _at, _order, event in keyed]
+    history = {}
+    for row in found:
+        cur = await conn.execute(_TRACE_HISTORY, (row[0],))
+        history[row[0]] = await cur.fetchall()
+    return trace_events(found, history)
 
 
 # --- aggregates (/metrics, the dashboard) ------------------------------------------

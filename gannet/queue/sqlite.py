@@ -221,6 +221,11 @@ class SqliteStore:
     async def release_leases(self, owner: str) -> int:
         return await self._call(ops.release_leases, owner)
 
+    async def renew_leases(self, owner: str, leases: Sequence[tuple[int, str]], *, until: float) -> list[int]:
+        # Not durable on its own (like a claim): lost in a power cut, the machine
+        # that held the leases went down with it.
+        return await self._call(ops.renew_leases, (owner, tuple(leases), until), durable=False)
+
     async def claim_expired(
         self, now: float, *, received_before: float, limit: int, lease_seconds: float, owner: str
     ) -> list[Claim]:

@@ -27,6 +27,7 @@ final is removed in the same transaction; its history stays, with a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -427,6 +428,31 @@ _RELEASE_OWNER = (
 def release_leases(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, owner: str) -> int:
     """A restarted worker gives back what its dead predecessor (same owner) claimed."""
     return conn.execute(_RELEASE_OWNER, (owner,)).rowcount
+
+
+# Renewal, fenced like record: only rows still delivering under the very token
+# and owner the worker holds are extended. ONE statement for all of an owner's
+# claims (the pairs travel as one JSON array; `id` is the rowid, so each is a
+# primary-key lookup); the ids not renewed are worked out here, on the writer.
+_RENEW = """
+    UPDATE recipients SET lease_until = MAX(lease_until, ?)
+    FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS token
+          FROM json_each(?)) AS held
+    WHERE recipients.id = held.id AND recipients.lease_token = held.token
+      AND recipients.lease_owner = ? AND recipients.state = 'delivering'
+    RETURNING recipients.id
+"""
+
+RenewArgs = tuple[str, tuple[tuple[int, str], ...], float]
+
+
+def renew_leases(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: RenewArgs) -> list[int]:
+    """Extend the leases `owner` still holds; returns the recipient ids it lost."""
+    owner, leases, until = arg
+    if not leases:
+        return []
+    renewed = {row[0] for row in conn.execute(_RENEW, (until, json.dumps(leases), owner)).fetchall()}
+    return [rid for rid, _token in leases if rid not in renewed]
 
 
 _EXPIRED_LEASES = (

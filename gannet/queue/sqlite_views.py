@@ -13,34 +13,24 @@ shown only for queued/deferred recipients.
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from typing import Any
 
-from gannet.queue.model import (
-    HistoryEntry,
-    NoSuchMessage,
-    QueuedMessageView,
-    QueueFilter,
-    RecipientState,
-    RecipientView,
-    TraceEvent,
-)
-from gannet.queue.sqlite_ops import DEFERRED, QUEUED, Ctx
+from gannet.queue.model import NoSuchMessage, QueuedMessageView, QueueFilter, TraceEvent
+from gannet.queue.sqlite_ops import Ctx
 from gannet.queue.sqlite_writer import Txn
+from gannet.queue.views import (
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
+    TRACE_COLUMNS,
+    message_view,
+    trace_events,
+    trace_keys,
+)
 
-_MESSAGE_VIEW = """
-    SELECT queue_id, sender, size, received_at, held, client, auth_user, message_id, envid, ret,
-        quarantined
-    FROM messages m
-"""
-_RECIPIENT_VIEW = """
-    SELECT id, address, state, attempts, next_attempt, last_error, original
-    FROM recipients WHERE queue_id = ? ORDER BY id
-"""
-_HISTORY_VIEW = """
-    SELECT at, recipient, event, detail FROM history WHERE queue_id = ? ORDER BY at, id
-"""
+_MESSAGE_VIEW = f"SELECT {MESSAGE_COLUMNS} FROM messages m"
+_RECIPIENT_VIEW = f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE queue_id = ? ORDER BY id"
+_HISTORY_VIEW = "SELECT at, recipient, event, detail FROM history WHERE queue_id = ? ORDER BY at, id"
 
 
 def _where(f: QueueFilter) -> tuple[str, list[object]]:
@@ -78,40 +68,9 @@ def _where(f: QueueFilter) -> tuple[str, list[object]]:
 
 
 def _view(conn: sqlite3.Connection, row: tuple[Any, ...], history: bool) -> QueuedMessageView:
-    qid, sender, size, received_at, held, client, auth_user, message_id, envid, ret, quar = row
-    recipients = tuple(
-        RecipientView(
-            rid,
-            address,
-            RecipientState(state),
-            attempts,
-            next_attempt if state in (QUEUED, DEFERRED) else None,
-            last_error,
-            original,
-        )
-        for rid, address, state, attempts, next_attempt, last_error, original in conn.execute(
-            _RECIPIENT_VIEW, (qid,)
-        )
-    )
-    events: tuple[HistoryEntry, ...] = ()
-    if history:
-        queued = HistoryEntry(received_at, "", "queued", client)  # derived, not stored
-        events = (queued, *(HistoryEntry(*h) for h in conn.execute(_HISTORY_VIEW, (qid,))))
-    return QueuedMessageView(
-        qid,
-        sender,
-        size,
-        received_at,
-        bool(held),
-        recipients,
-        client,
-        auth_user,
-        message_id,
-        envid,
-        ret,
-        events,
-        bool(quar),
-    )
+    qid = row[0]
+    events = conn.execute(_HISTORY_VIEW, (qid,)).fetchall() if history else None
+    return message_view(row, conn.execute(_RECIPIENT_VIEW, (qid,)).fetchall(), events)
 
 
 def list_messages(
@@ -134,38 +93,21 @@ def get_message(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str) -> 
 
 # --- trace ---------------------------------------------------------------------
 
-_TRACE_IN_QUEUE = """
-    SELECT queue_id, received_at, sender, size, client, message_id, NULL FROM messages
-    WHERE queue_id = ? OR message_id IN (?, ?)
+_TRACE_IN_QUEUE = f"""
+    SELECT {TRACE_COLUMNS}, NULL FROM messages WHERE queue_id = ? OR message_id IN (?, ?)
 """
-_TRACE_COMPLETED = """
-    SELECT queue_id, received_at, sender, size, client, message_id, completed_at FROM completed
-    WHERE queue_id = ? OR message_id IN (?, ?)
+_TRACE_COMPLETED = f"""
+    SELECT {TRACE_COLUMNS}, completed_at FROM completed WHERE queue_id = ? OR message_id IN (?, ?)
 """
 _TRACE_HISTORY = "SELECT at, recipient, event, detail, id FROM history WHERE queue_id = ?"
 
 
 def trace(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, key: str) -> list[TraceEvent]:
     """Events of the messages `key` names (store.py "History and trace")."""
-    key = key.strip()
-    bare = key[1:-1] if key.startswith("<") and key.endswith(">") else key
-    if not bare:
-        return []  # not "every message without a Message-ID"
-    params = (key, bare, f"<{bare}>")
-    found = conn.execute(_TRACE_IN_QUEUE, params).fetchall()
-    found += conn.execute(_TRACE_COMPLETED, params).fetchall()
-    # (time, recording order, event): "received" first and "completed" last among equal times.
-    keyed: list[tuple[float, float, TraceEvent]] = []
-    for qid, received_at, sender, size, client, message_id, completed_at in found:
-        detail = f"from=<{sender}> size={size} client={client}"
-        if message_id:
-            detail += f" message-id={message_id}"
-        keyed.append((received_at, -1.0, TraceEvent(received_at, qid, "", "received", detail)))
-        deleted = False
-        for at, recipient, event, text, row_id in conn.execute(_TRACE_HISTORY, (qid,)):
-            keyed.append((at, float(row_id), TraceEvent(at, qid, recipient, event, text)))
-            deleted = deleted or event == "deleted"
-        if completed_at is not None and not deleted:
-            keyed.append((completed_at, math.inf, TraceEvent(completed_at, qid, "", "completed", "")))
-    keyed.sort(key=lambda k: (k[0], k[1]))
-    return [event for _at, _order, event in keyed]
+    keys = trace_keys(key)
+    if keys is None:
+        return []
+    found = conn.execute(_TRACE_IN_QUEUE, keys).fetchall()
+    found += conn.execute(_TRACE_COMPLETED, keys).fetchall()
+    history = {row[0]: conn.execute(_TRACE_HISTORY, (row[0],)).fetchall() for row in found}
+    return trace_events(found, history)

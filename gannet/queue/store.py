@@ -1,7 +1,8 @@
 """The QueueStore interface: the ONLY way anyone touches the queue.
 
 Implementations: `sqlite.SqliteStore` (embedded default, WAL, group commit)
-and, later, `postgres.PostgresStore` (several nodes, SKIP LOCKED leases).
+and `postgres.PostgresStore` (several nodes, SKIP LOCKED leases, bodies in
+the database); `configured.make_store` picks one from `[queue] url`.
 Both pass `tests/contract/`.
 
 The commit protocol (docs/queue.md):
@@ -103,6 +104,16 @@ class QueueStore(Protocol):
     async def release_leases(self, owner: str) -> int:
         """Make every recipient leased by `owner` claimable now (a restarted worker
         of that name knows its predecessor is dead). Returns how many."""
+
+    async def renew_leases(self, owner: str, leases: Sequence[tuple[int, str]], *, until: float) -> list[int]:
+        """Keep claims alive while their worker still holds them (in memory or in
+        flight): extend to `until` the lease of each (recipient_id, lease_token)
+        whose recipient is still delivering under that very token and `owner`
+        (fenced like record), all in one statement; a lease is never shortened.
+        Returns the recipient ids whose lease is gone (recorded, released, or
+        taken over under a new token): their holder drops that work without
+        recording it. A row another transaction is writing at that moment may be
+        left for the next renewal, but is not reported gone for that."""
 
     async def claim_expired(
         self, now: float, *, received_before: float, limit: int, lease_seconds: float, owner: str

@@ -69,7 +69,7 @@ class Transaction:
     queue_id: str = ""
     spool: BodySpool | None = None
     message_id: str = ""
-    spf: asyncio.Task[SpfOutcome] | None = None  # started at MAIL FROM (gannet/mailauth)
+    spf: asyncio.Future[SpfOutcome] | None = None  # started at MAIL FROM (gannet/mailauth)
 
     def discard(self) -> None:
         if self.spf is not None:
@@ -169,7 +169,7 @@ class Session:
         conn = self.conn
         if self.services.counters.sessions_open > self.config.smtp.max_sessions:
             busy = R.R421_TOO_BUSY.with_text(f"{self.config.hostname} too many connections")
-            metrics.rejected(self.listener.address, self.client, "connect", busy)
+            self._refused("connect", busy, "too many sessions")
             self._write(conn.send(busy))
             return
         self._write(conn.send(Reply(220, "", f"{self.config.hostname} ESMTP Gannet")))
@@ -222,8 +222,7 @@ class Session:
             case ev.MessageRefused(reply=reply):
                 self._end_transaction()
                 self.services.counters.messages_refused += 1
-                metrics.rejected(self.listener.address, self.client, "DATA", reply)
-                maillog.rejected(self.session_id, self.client, "DATA", reply)
+                self._refused("DATA", reply)
                 self._write(conn.send(reply))
             case ev.CommandError(reply=reply, reason=reason):
                 self.counts["error"] += 1
@@ -264,16 +263,24 @@ class Session:
         if user is not None:
             verdict = sender_verdict(self.recipient_table, user, event.address)
             if not isinstance(verdict, Accept):
-                metrics.rejected(self.listener.address, self.client, "MAIL", verdict.reply)
-                maillog.rejected(
-                    self.session_id, self.client, "MAIL", verdict.reply, verdict.reason, sender=event.address
-                )
+                self._refused("MAIL", verdict.reply, verdict.reason, sender=event.address)
                 return verdict.reply
         self.txn = Transaction(mail=event)
         checks = self.services.mailauth
         if checks is not None and self._checked():  # started now, SPF's DNS overlaps RCPT and DATA
             self.txn.spf = checks.start_spf(self.client_ip, event.address, self.conn.helo_name or "")
         return R.R250_SENDER_OK
+
+    def _refused(
+        self, stage: str, reply: Reply, reason: str = "", *, sender: str | None = None,
+        recipient: str | None = None,
+    ) -> None:
+        """One refusal: its mail-log line, and its count and entry in the dashboard's recent list."""
+        subject = f"<{recipient}>" if recipient is not None else ""
+        metrics.rejected(self.listener.address, self.client, stage, reply, subject)
+        maillog.rejected(
+            self.session_id, self.client, stage, reply, reason, sender=sender, recipient=recipient
+        )
 
     def _checked(self) -> bool:
         """Inbound checks run on mx listeners for clients neither authenticated nor trusted."""
@@ -284,15 +291,8 @@ class Session:
         facts = RcptFacts(self.client_ip, self.conn.authenticated is not None, self.trusted)
         verdict, destinations = rcpt_verdict(self.recipient_table, facts, event.address)
         if not isinstance(verdict, Accept):
-            metrics.rejected(self.listener.address, self.client, "RCPT", verdict.reply, f"<{event.address}>")
-            maillog.rejected(
-                self.session_id,
-                self.client,
-                "RCPT",
-                verdict.reply,
-                verdict.reason,
-                sender=self.txn.mail.address,
-                recipient=event.address,
+            self._refused(
+                "RCPT", verdict.reply, verdict.reason, sender=self.txn.mail.address, recipient=event.address
             )
             return verdict.reply
         self.txn.recipients.append((event, destinations))
@@ -356,10 +356,7 @@ class Session:
         spool = txn.spool
         if spool.facts.received_count > headers.MAX_RECEIVED:
             reply = Reply(554, "5.4.6", "Too many hops (Received headers): mail loop?")
-            metrics.rejected(self.listener.address, self.client, "DATA", reply)
-            maillog.rejected(
-                self.session_id, self.client, "DATA", reply, "mail loop", sender=txn.mail.address
-            )
+            self._refused("DATA", reply, "mail loop", sender=txn.mail.address)
             self._end_transaction()
             return [reply] * n_replies
         try:
@@ -367,9 +364,7 @@ class Session:
             auth = await mailauth_pipeline.process(self._message_facts(txn), body, self.services.mailauth,
                                                    self.services.signer, txn.spf)
             if auth.reject is not None:  # DMARC enforce, p=reject (RFC 7489 §6.6.2)
-                metrics.rejected(self.listener.address, self.client, "DATA", auth.reject)
-                maillog.rejected(self.session_id, self.client, "DATA", auth.reject, auth.reason,
-                                 sender=txn.mail.address)
+                self._refused("DATA", auth.reject, auth.reason, sender=txn.mail.address)
                 self._end_transaction()
                 return [auth.reject] * n_replies
             body = auth.body

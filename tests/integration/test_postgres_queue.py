@@ -38,27 +38,33 @@ def test_serve_accepts_and_delivers_through_postgres(
 ) -> None:
     name = f"gannet_serve_{next(_databases)}"
     url = postgres_server.create_database(name)
-    proc = gannet(queue={"url": url, "node": "node-a", "inline_body_limit": 65536})
-    sent = [send(proc, "alice@example.test" if i % 2 else "bob@example.test", f"m{i}@pg.test")
-            for i in range(40)]
+    proc = gannet(queue={"url": url, "node": "node-a", "inline_body_limit": 65536}, start=False)
+    migrated = proc.cli("db", "migrate")  # ahead of the first start, as before a rolling upgrade
+    assert "schema migrated from version 0 to 1" in migrated.stdout, migrated.stdout + migrated.stderr
+    proc.start()
+    sent = [
+        send(proc, "alice@example.test" if i % 2 else "bob@example.test", f"m{i}@pg.test") for i in range(40)
+    ]
     big = "x" * 76 + "\r\n"
     sent.append(send(proc, "alice@example.test", "big@pg.test", big * 4000))  # ~310 KB: spooled
     maildir = proc.workdir / "mail"
-    peers.wait_for(lambda: len(peers.maildir_files(maildir)) >= len(sent), 60,
-                   f"{len(sent)} messages in {maildir}")
+    peers.wait_for(
+        lambda: len(peers.maildir_files(maildir)) >= len(sent), 60, f"{len(sent)} messages in {maildir}"
+    )
     counts = Counter(peers.message_ids(peers.maildir_files(maildir)))
     assert counts == Counter(f"<{m}>" for m in sent)
     delivered_big = next(p for p in peers.maildir_files(maildir) if b"big@pg.test" in p.read_bytes())
     assert delivered_big.read_bytes().count(b"x" * 76) == 4000
     # The queue is empty, every message is in `completed`, and nothing is left on this node's disk.
-    peers.wait_for(lambda: postgres_server.sql("SELECT count(*) FROM messages", name) == [(0,)], 30,
-                   "the queue to empty")
+    peers.wait_for(
+        lambda: postgres_server.sql("SELECT count(*) FROM messages", name) == [(0,)], 30, "the queue to empty"
+    )
     assert postgres_server.sql("SELECT count(*) FROM completed", name) == [(len(sent),)]
     assert postgres_server.sql("SELECT count(*) FROM bodies", name) == [(0,)]
     assert list((proc.workdir / "var" / "spool").iterdir()) == []
     listed = proc.cli("queue", "list", "--json")
     assert json.loads(listed.stdout) == []
-    assert "as node node-a (schema 0→current" in proc.log_text()  # the first opener migrated
+    assert "as node node-a (schema 1→current" in proc.log_text()  # found it migrated
     migrated = proc.cli("db", "migrate")
     assert "schema version 1 is current" in migrated.stdout, migrated.stdout + migrated.stderr
     assert proc.stop() == 0

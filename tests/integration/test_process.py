@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import smtplib
@@ -109,13 +110,29 @@ def test_sigterm_lets_a_session_in_data_finish_then_exits_cleanly(gannet: Gannet
 
 
 def test_worker_exits_when_its_server_is_killed_and_a_restart_delivers_the_queue(gannet: Gannet) -> None:
+    """SIGKILL of the server alone: its worker exits, whether it was delivering or
+    still waiting for `delivery.lock` (where it does not watch the wake pipe yet:
+    the kernel's parent-death signal ends it); nothing queued meanwhile is lost."""
     server = gannet()
     (worker,) = peers.wait_for(lambda: worker_pids(server) or None, 10, "the delivery worker")
     server.kill()
-    peers.wait_for(lambda: not peers._alive(worker), 10, "the orphaned worker to exit")
+    peers.wait_for(lambda: not peers._alive(worker), 30, "the orphaned worker to exit")
+    # A predecessor still finishing its last writes holds the lock (here: this test).
+    lock = os.open(server.data_dir / "delivery.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server.start()
+        (waiting,) = peers.wait_for(lambda: worker_pids(server) or None, 10, "the next delivery worker")
+        peers.wait_for(lambda: "waiting for the previous worker" in server.log_text(since_start=True), 30,
+                       "the worker to wait for the lock")
+        send(server, "queued-while-the-worker-waited")
+        server.kill()
+        peers.wait_for(lambda: not peers._alive(waiting), 30, "the worker waiting for the lock to exit")
+    finally:
+        os.close(lock)
     server.start()
     for i in range(20):
         send(server, f"after-restart-{i}")
-    for i in range(20):
-        wait_subject(server, f"after-restart-{i}")
+    for subject in ["queued-while-the-worker-waited", *(f"after-restart-{i}" for i in range(20))]:
+        wait_subject(server, subject)
     assert server.stop() == 0

@@ -12,8 +12,11 @@ namespace sees that file.
   (exit 2), the printed TXT record and config snippet used as printed;
 - signatures (rsa-sha256 and ed25519-sha256, and both at once) verify with
   both tools, and a changed body fails with both;
-- end to end: alice submits through `gannet serve` (AUTH on the submission
-  port) to a local Maildir; the delivered file verifies with both tools.
+- end to end through `gannet serve` to a local Maildir, the delivered file
+  checked with both tools: alice submits (AUTH on the submission port); a
+  program on a trusted network sends to port 25 without AUTH; a 3 MiB message
+  over `[mailauth] max_verify_size` (signed from a streamed body hash); and
+  mail from an untrusted client is not signed at all.
 """
 
 from __future__ import annotations
@@ -241,6 +244,28 @@ def test_dual_signature_both_verify(workdir: Path, resolver_dns: tuple[peers.Dns
 # ---------------------------------------------------------------------------- end to end
 
 
+BOTH = (("r1", "rsa"), ("e1", "ed25519"))
+
+
+def gannet_keys(
+    workdir: Path, dns: peers.DnsServer, specs: tuple[tuple[str, str], ...] = BOTH
+) -> list[dict[str, str]]:
+    """`gannet dkim keygen` for example.test, one key per (selector, algorithm); the printed
+    records published in `dns`; the `[[dkim]]` entries for a `gannet` fixture."""
+    workdir.mkdir()
+    (workdir / "gannet.toml").write_text('hostname = "mx.example.test"\ndata_dir = "var"\n')
+    records, entries = {}, []
+    for selector, algorithm in specs:
+        result = keygen(workdir, selector, "--algorithm", algorithm)
+        assert result.returncode == 0, result.stderr
+        name, strings = printed_txt(result.stdout)
+        records[name] = {"TXT": [strings]}
+        key_file = workdir / "var" / "dkim" / f"example.test.{selector}.key"
+        entries.append({"domain": "example.test", "selector": selector, "key_file": str(key_file)})
+    dns.set_records(records)
+    return entries
+
+
 def test_mail_submitted_to_gannet_arrives_signed(
     gannet: Callable[..., peers.GannetProcess],
     resolver_dns: tuple[peers.DnsServer, Path],
@@ -248,24 +273,7 @@ def test_mail_submitted_to_gannet_arrives_signed(
     tmp_path: Path,
 ) -> None:
     dns, resolv_conf = resolver_dns
-    keydir = tmp_path / "keys"
-    keydir.mkdir()
-    (keydir / "gannet.toml").write_text('hostname = "mx.example.test"\ndata_dir = "var"\n')
-    records, entries = {}, []
-    for selector, algorithm in (("r1", "rsa"), ("e1", "ed25519")):
-        result = keygen(keydir, selector, "--algorithm", algorithm)
-        assert result.returncode == 0, result.stderr
-        name, strings = printed_txt(result.stdout)
-        records[name] = {"TXT": [strings]}
-        entries.append(
-            {
-                "domain": "example.test",
-                "selector": selector,
-                "key_file": str(keydir / "var" / "dkim" / f"example.test.{selector}.key"),
-            }
-        )
-    dns.set_records(records)
-    server = gannet(dkim=entries, dns={"nameservers": [dns.nameserver]})
+    server = gannet(dkim=gannet_keys(tmp_path / "keys", dns), dns={"nameservers": [dns.nameserver]})
 
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = "Alice <alice@example.test>", "bob@example.test", "end to end"
@@ -281,3 +289,60 @@ def test_mail_submitted_to_gannet_arrives_signed(
     assert delivered.count(b"DKIM-Signature:") == 2, delivered[:2000]
     assert opendkim_ok(resolv_conf, delivered)
     assert dkimverify_ok(resolv_conf, delivered, 0) and dkimverify_ok(resolv_conf, delivered, 1)
+
+
+def test_mail_from_a_trusted_network_on_mx_arrives_signed(
+    gannet: Callable[..., peers.GannetProcess], resolver_dns: tuple[peers.DnsServer, Path], tmp_path: Path
+) -> None:
+    """No AUTH: 127.0.0.1 is in trusted_networks (the fixture's default), as a local program or an
+    internal host would send through port 25."""
+    dns, resolv_conf = resolver_dns
+    server = gannet(dkim=gannet_keys(tmp_path / "keys", dns, (("r1", "rsa"),)),
+                    dns={"nameservers": [dns.nameserver]})  # fmt: skip
+    with smtplib.SMTP(*server.address("mx"), timeout=30) as client:
+        client.sendmail("alice@example.test", ["bob@example.test"], MESSAGE)
+    files = peers.wait_for(lambda: server.delivered("bob@example.test"), 30, "delivery to bob's Maildir")
+    delivered = files[0].read_bytes()
+    assert delivered.count(b"DKIM-Signature:") == 1 and b"s=r1;" in delivered
+    assert dkimverify_ok(resolv_conf, delivered) and opendkim_ok(resolv_conf, delivered)
+    assert not dkimverify_ok(resolv_conf, delivered.replace(b"Hello Bob", b"Hello Eve"))
+
+
+def test_mail_over_max_verify_size_is_still_signed(
+    gannet: Callable[..., peers.GannetProcess],
+    resolver_dns: tuple[peers.DnsServer, Path],
+    tls_certs: peers.TlsCerts,
+    tmp_path: Path,
+) -> None:
+    """A 3 MiB message with [mailauth] max_verify_size = 64 KiB: signed from its header section and
+    a body hash streamed from the spool file, and the signatures hold."""
+    dns, resolv_conf = resolver_dns
+    server = gannet(dkim=gannet_keys(tmp_path / "keys", dns), dns={"nameservers": [dns.nameserver]},
+                    mailauth={"max_verify_size": 65536})  # fmt: skip
+    line = b"A long line of a long message,  with  double spaces\tand a tab.   \r\n"
+    big = MESSAGE.replace(b"Subject: signed by Gannet", b"Subject: big and signed") + line * 48_000
+    with smtplib.SMTP(*server.address("submission"), timeout=60) as client:
+        client.starttls(context=tls_certs.client_context())
+        client.login("alice@example.test", peers.USERS["alice@example.test"])
+        client.sendmail("alice@example.test", ["bob@example.test"], big)
+    files = peers.wait_for(lambda: server.delivered("bob@example.test"), 60, "delivery to bob's Maildir")
+    delivered = files[0].read_bytes()
+    assert len(delivered) > 3_000_000 and delivered.count(b"DKIM-Signature:") == 2
+    assert dkimverify_ok(resolv_conf, delivered, 0) and dkimverify_ok(resolv_conf, delivered, 1)
+    assert opendkim_ok(resolv_conf, delivered)
+    assert "not signed" not in server.log_text()
+
+
+def test_mail_from_an_untrusted_client_is_not_signed(
+    gannet: Callable[..., peers.GannetProcess], dns_server: Callable[..., peers.DnsServer], tmp_path: Path
+) -> None:
+    """Our domain in From is not enough: only users and trusted networks get our signature."""
+    dns = dns_server()
+    server = gannet(dkim=gannet_keys(tmp_path / "keys", dns, (("r1", "rsa"),)),
+                    relay={"trusted_networks": ["127.0.0.99/32"]},
+                    dns={"nameservers": [dns.nameserver]})  # fmt: skip
+    with smtplib.SMTP(*server.address("mx"), timeout=30) as client:
+        client.sendmail("alice@example.test", ["bob@example.test"], MESSAGE)
+    files = peers.wait_for(lambda: server.delivered("bob@example.test"), 30, "delivery to bob's Maildir")
+    delivered = files[0].read_bytes()
+    assert b"DKIM-Signature:" not in delivered and b"Authentication-Results: mx.example.test;" in delivered

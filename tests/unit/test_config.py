@@ -30,6 +30,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
     assert cfg.hostname == "mx.example.test"
     assert cfg.data_dir == tmp_path / "var"
     assert cfg.queue.sqlite_path == tmp_path / "var" / "queue.db"
+    assert cfg.queue.lease == 120
     assert cfg.listen[0].mode is ListenMode.MX and cfg.listen[0].port == 2525
     assert cfg.relay.local_domains == ("example.test",)
     assert [str(n) for n in cfg.relay.trusted_networks] == ["127.0.0.0/8", "::1/128"]
@@ -54,6 +55,8 @@ mode = "lmtp"
 [delivery]
 retry = ["30s", "1.5m", "2h"]
 give_up_after = "1d"
+[queue]
+lease = "30s"
 [smtp]
 max_message_size = "10M"
 bare_newline = "normalize"
@@ -63,6 +66,7 @@ bare_newline = "normalize"
     assert cfg.listen[1].host == "::1" and cfg.listen[1].mode is ListenMode.LMTP
     assert cfg.delivery.retry == (30, 90, 7200)
     assert cfg.delivery.give_up_after == 86400
+    assert cfg.queue.lease == 30
     assert cfg.smtp.max_message_size == 10 * 1024 * 1024
     assert cfg.smtp.bare_newline is BareNewlinePolicy.NORMALIZE
 
@@ -80,6 +84,9 @@ bare_newline = "normalize"
         ("[relay2]\n", "relay2", "unknown key"),
         ('[tls]\ncert = "c.pem"\n', "tls.key", "together"),
         ('[queue]\nurl = "mysql://x"\n', "queue.url", "not a queue URL"),
+        ('[queue]\nlease = "5s"\n', "queue.lease", "out of range"),
+        ('[queue]\nlease = "2h"\n', "queue.lease", "out of range"),
+        ("[queue]\nlease = 120\n", "queue.lease", "not a duration"),
         (
             '[mailboxes]\naliases = { "a@other.test" = ["b@example.test"] }\n',
             "mailboxes.aliases",

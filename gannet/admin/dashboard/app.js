@@ -191,7 +191,7 @@
     let minutes = 15;  // the charts' window: 15 minutes for a fresh server, growing to an hour
     const stop = every(async () => {
       const [stats, s, d, e] = await Promise.all([
-        api("/api/stats"), api(`/api/series?minutes=${minutes}`), api("/api/deferrals?limit=10"), api("/api/events?limit=12"),
+        api("/api/stats"), api(`/api/series?minutes=${minutes}`), api("/api/deferrals?limit=10"), api("/api/events?limit=8"),
       ]);
       document.getElementById("host").textContent = stats.hostname || "";
       document.getElementById("started").textContent = `counts since the server started ${since(stats.started_at)} ago`;

@@ -7,6 +7,8 @@ gannet/queue/store.py where delivery depends on it:
 - record applies an outcome only while the lease token still matches
   (fencing), counts the attempt, and removes a message once every recipient
   is final, returning its queue ID;
+- renew_leases extends only leases still held under (owner, token) and
+  returns the recipient ids of the others;
 - read_body returns CRLF content.
 
 It also records calls (claims, records, body reads) and can inject errors
@@ -87,6 +89,7 @@ class FakeStore:
         self.fail_records = 0
         self.record_gate: asyncio.Event | None = None
         self.pruned_before: list[float] = []  # prune_history calls
+        self.renew_calls: list[int] = []  # leases passed to each renew_leases call
 
     # -- lifecycle ------------------------------------------------------------
     async def open(self) -> None:
@@ -239,6 +242,22 @@ class FakeStore:
         for r in rs:
             del self.rcpts[r.id]
         return True
+
+    async def renew_leases(self, owner: str, leases: Sequence[tuple[int, str]], *, until: float) -> list[int]:
+        await asyncio.sleep(0)
+        self.renew_calls.append(len(leases))
+        lost = []
+        for rid, token in leases:
+            r = self.rcpts.get(rid)
+            if (
+                r is None
+                or r.state is not RecipientState.DELIVERING
+                or (r.lease_owner, r.lease_token) != (owner, token)
+            ):
+                lost.append(rid)
+            elif r.lease_until is not None:
+                r.lease_until = max(r.lease_until, until)
+        return lost
 
     async def next_due(self, transport: Transport | None = None) -> float | None:
         await asyncio.sleep(0)

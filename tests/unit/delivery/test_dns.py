@@ -411,3 +411,30 @@ def test_resolver_accepts_configured_nameservers() -> None:
     Resolver(["127.0.0.1", "127.0.0.1:5353", "[::1]:5353"], timeout=1.0)
     with pytest.raises(ValueError):
         Resolver(["ns.example.test"])
+
+
+# --------------------------------------------------------------------------- cache hits by name text
+
+
+async def test_cached_txt_answers_from_the_cache_only() -> None:
+    spf = response("example.test", "TXT", [(300, '"v=spf1 -all"')])
+    resolver, backend, clock = make({("example.test", "TXT"): spf})
+    assert resolver.cached_txt("example.test") is None  # not cached: no query either
+    assert backend.calls == []
+    assert await resolver.txt("example.test") == ["v=spf1 -all"]
+    assert resolver.cached_txt("Example.TEST.") == ["v=spf1 -all"]
+    clock.advance(301)
+    assert resolver.cached_txt("example.test") is None
+    assert backend.calls == [("example.test", "TXT")]
+
+
+async def test_other_spellings_of_a_cached_name_are_still_found() -> None:
+    """The text fast path misses a name written with escapes; the Name-based path finds it."""
+    spf = response("example.test", "TXT", [(300, '"v=spf1 -all"')])
+    resolver, backend, _ = make({("example.test", "TXT"): spf})
+    assert await resolver.txt("example.test.") == ["v=spf1 -all"]
+    assert await resolver.txt("ex\\097mple.test") == ["v=spf1 -all"]
+    assert backend.calls == [("example.test", "TXT")]
+    assert resolver.stats.cache_hits == 1
+    with pytest.raises(DnsError):
+        await resolver.txt("bad..name")  # never found in the cache under its text

@@ -470,7 +470,7 @@ async def test_a_job_whose_lease_nearly_ran_out_is_handed_back_due_now(
     caplog.set_level(logging.INFO, logger="gannet.mail")
     gate = asyncio.Event()
     p, port = await peer(gate=gate)
-    # lease 100 s; margin min(100 / 2, command_timeout + data_timeout) = 20 s.
+    # lease 100 s, renewed every 33 s of real time (not within this test); margin a third: 33 s.
     r = await relay({"a.test": route_to("a.test", port)}, start=False, lease_seconds=100.0)
     await r.enqueue(smtp_message("Q1", "u@a.test"))
     r.start()
@@ -484,6 +484,53 @@ async def test_a_job_whose_lease_nearly_ran_out_is_handed_back_due_now(
     deferred = [m for m in caplog.messages if "status=deferred" in m]
     assert len(deferred) == 1 and "not tried in time" in deferred[0]
     # "Due again now": retried at T0 + 90 without the clock moving on to a retry time.
+
+
+async def test_a_renewed_job_waits_past_its_first_lease_and_is_delivered(
+    relay: MakeRelay, peer: MakePeer
+) -> None:
+    gate = asyncio.Event()
+    p, port = await peer(gate=gate)
+    # A 3 s lease is renewed every second (real time); `now` stays pinned by the test.
+    r = await relay({"a.test": route_to("a.test", port)}, start=False, lease_seconds=3.0)
+    await r.enqueue(smtp_message("Q1", "u@a.test"))
+    r.start()
+    await until(lambda: p.connections == 1, "the connection")  # its greeting is held back
+    r.clock.t = T0 + 2.5  # without a renewal: within a third of the lease's end, handed back
+    renewed = r.scheduler.leases.renewals
+    await until(lambda: r.scheduler.leases.renewals > renewed, "a renewal at the new time")
+    assert await r.store.claim_due(T0 + 4, limit=10, lease_seconds=60, owner="other") == []
+    gate.set()
+    await until(r.empty, "the message to be delivered")
+    assert r.scheduler.stats.deferred == 0 and r.scheduler.stats.delivered == 1
+    assert len(p.transactions) == 1
+    assert r.scheduler.leases.held == 0  # let go once recorded: nothing left to renew
+
+
+async def test_a_job_whose_lease_was_taken_over_is_dropped_unsent_and_unrecorded(
+    relay: MakeRelay, peer: MakePeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = asyncio.Event()
+    p, port = await peer(gate=gate)
+    r = await relay({"a.test": route_to("a.test", port)}, start=False, lease_seconds=3.0)
+    await r.enqueue(smtp_message("Q1", "u@a.test"))
+    r.start()
+    await until(lambda: p.connections == 1, "the connection")
+    # Another node takes the recipient as if this worker had missed its renewals
+    # (`now` stays at T0 here, so our renewals cannot push the lease past T0 + 3).
+    (theirs,) = await r.store.claim_due(T0 + 100, limit=10, lease_seconds=60, owner="other")
+    await until(lambda: r.scheduler.leases.lost == 1, "the renewal to find the lease gone")
+    gate.set()
+    await until(lambda: r.scheduler.stats.lost == 1, "the job to be dropped")
+    assert p.transactions == []
+    assert r.store.records == []  # nothing recorded: the lease is the other worker's
+    view = await recipient(r.store, "u@a.test")
+    assert view.state is RecipientState.DELIVERING and view.attempts == 0
+    assert "taken over elsewhere" in caplog.text
+    tok = theirs.recipients[0]
+    deferred = Deferred("4.0.0 x", T0 + 60)
+    await r.store.record([RecipientOutcome(tok.recipient_id, tok.lease_token, deferred, T0)])
+    assert (await recipient(r.store, "u@a.test")).state is RecipientState.DEFERRED
 
 
 async def test_a_cached_connection_the_peer_closed_is_not_used(relay: MakeRelay, peer: MakePeer) -> None:

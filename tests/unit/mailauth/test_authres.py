@@ -6,6 +6,8 @@ import email.parser
 import email.policy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gannet.mailauth import authres
 from gannet.mailauth.authres import ResInfo
@@ -81,3 +83,20 @@ def test_reason_cannot_break_out_of_its_comment() -> None:
 )
 def test_is_ours(field: bytes, ours: bool) -> None:
     assert authres.is_ours(field, "mx.example.test") is ours
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=300), max_size=40))
+def test_comment_text_is_printable_ascii_without_parentheses(text: str) -> None:
+    slow = "".join(c if 32 <= ord(c) < 127 and c not in "()\\" else " " for c in text)
+    assert authres.comment_text(text) == " ".join(slow.split())
+
+
+def test_render_and_value_say_the_same() -> None:
+    field, value = authres.render_both("mx.example.test", RESULTS)
+    assert field == authres.render("mx.example.test", RESULTS)
+    assert value == authres.value("mx.example.test", RESULTS)
+    assert authres.render_both("mx.example.test", []) == (
+        b"Authentication-Results: mx.example.test; none\r\n",
+        "mx.example.test; none",
+    )

@@ -33,7 +33,7 @@ from gannet.queue.model import (
     SpooledBody,
     Transport,
 )
-from gannet.queue.postgres import PostgresStore
+from gannet.queue.postgres import PREFETCH_BODY, PostgresStore
 from gannet.queue.postgres_schema import CHUNK, SCHEMA_VERSION, migrate
 
 T0 = 1_800_000_000.0
@@ -207,8 +207,13 @@ async def test_a_spooled_body_goes_into_the_database_and_any_node_reads_it(
     data = random.Random(1).randbytes(2 * CHUNK + 12345)
     path = a.spool_dir / "incoming-1"
     path.write_bytes(data)
-    m = NewMessage(new_queue_id(), "a@a.test", (NewRecipient("b@b.test", Transport.SMTP, "b.test"),),
-                   SpooledBody(path, len(data)), T0)
+    m = NewMessage(
+        new_queue_id(),
+        "a@a.test",
+        (NewRecipient("b@b.test", Transport.SMTP, "b.test"),),
+        SpooledBody(path, len(data)),
+        T0,
+    )
     await a.enqueue(m)
     assert not path.exists()  # copied into the database by the commit; the file was only its way in
     assert await b.read_body(m.queue_id) == data  # another node, another disk
@@ -221,6 +226,25 @@ async def test_a_spooled_body_goes_into_the_database_and_any_node_reads_it(
         return await cur.fetchall()
 
     assert await b.testing_call(chunks) == [(0, CHUNK), (1, CHUNK), (2, 12345)]
+
+
+async def test_a_small_body_comes_with_its_claim_and_is_read_from_it_once(nodes: Nodes) -> None:
+    a = await nodes()
+    small = message()
+    big = NewMessage(new_queue_id(), "a@a.test", small.recipients, InlineBody(b"y" * (PREFETCH_BODY + 1)), T0)
+    await a.enqueue(small)
+    await a.enqueue(big)
+    assert len(await claim(a)) == 2
+
+    async def lose_bodies(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+        await conn.execute("DELETE FROM bodies")
+
+    await a.testing_call(lose_bodies)  # from here on, only what came with the claim can be read
+    assert await a.read_body(small.queue_id) == small.body.data  # type: ignore[union-attr]
+    with pytest.raises(QueueError):  # read once: the second read goes to the database
+        await a.read_body(small.queue_id)
+    with pytest.raises(QueueError):  # too big to come along: read from the database
+        await a.read_body(big.queue_id)
 
 
 async def test_a_lost_body_row_quarantines_the_message(nodes: Nodes) -> None:
@@ -260,6 +284,7 @@ async def test_commits_are_synchronous_whatever_the_database_default(
     store = PostgresStore(url, spool_dir=tmp_path)
     await store.open()
     try:
+
         async def show(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> object:
             cur = await conn.execute("SHOW synchronous_commit")
             row = await cur.fetchone()
@@ -273,8 +298,9 @@ async def test_commits_are_synchronous_whatever_the_database_default(
 
 async def test_an_unreachable_database_is_a_queue_error(tmp_path: Path) -> None:
     port = peers.free_port(peers.POSTGRES_HOST)  # nothing listens there
-    store = PostgresStore(f"postgresql://gannet@{peers.POSTGRES_HOST}:{port}/none", spool_dir=tmp_path,
-                          timeout=1.0)
+    store = PostgresStore(
+        f"postgresql://gannet@{peers.POSTGRES_HOST}:{port}/none", spool_dir=tmp_path, timeout=1.0
+    )
     with pytest.raises(QueueError, match="cannot open the queue database"):
         await store.open()
     with pytest.raises(QueueError):
@@ -305,3 +331,30 @@ async def test_a_database_newer_than_this_code_is_refused(postgres_url: str, tmp
     store = PostgresStore(postgres_url, spool_dir=tmp_path)
     with pytest.raises(QueueError, match="newer version"):
         await store.open()
+
+
+async def test_the_store_outlives_a_database_restart(tmp_path: Path) -> None:
+    """While PostgreSQL is down an enqueue is refused (QueueError: the session says
+    451, never 250); once it is back the same store works again, with what was
+    committed before, without being reopened."""
+    server = peers.PostgresServer(tmp_path / "pg")
+    try:
+        store = PostgresStore(server.url(), spool_dir=tmp_path, timeout=2.0)
+        await store.open()
+        try:
+            before = message()
+            await store.enqueue(before)
+            server.stop()
+            with pytest.raises(QueueError):
+                await store.enqueue(message())
+            server.start()
+            after = message()
+            for _ in range(3):  # connections broken by the restart are dropped as they fail
+                with contextlib.suppress(QueueError):
+                    await store.enqueue(after)
+                    break
+            assert {v.queue_id for v in await store.list_messages()} == {before.queue_id, after.queue_id}
+        finally:
+            await store.close()
+    finally:
+        server.close()

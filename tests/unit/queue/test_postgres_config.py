@@ -47,8 +47,12 @@ def test_a_configured_node_name_and_pool_size(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("extra", "key"),
-    [('node = "a/b"', "queue.node"), ('node = "x y"', "queue.node"), ("pool_size = 1", "queue.pool_size"),
-     ("pool_size = 0", "queue.pool_size")],
+    [
+        ('node = "a/b"', "queue.node"),
+        ('node = "x y"', "queue.node"),
+        ("pool_size = 1", "queue.pool_size"),
+        ("pool_size = 0", "queue.pool_size"),
+    ],
 )
 def test_bad_queue_settings_name_the_key(tmp_path: Path, extra: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -58,8 +62,11 @@ def test_bad_queue_settings_name_the_key(tmp_path: Path, extra: str, key: str) -
 
 def test_sqlite_keeps_plain_owner_names(tmp_path: Path) -> None:
     path = tmp_path / "gannet.toml"
-    path.write_text(BASE.format(data_dir="var", extra="").replace(
-        'url = "postgresql://gannet@db.example.test:5432/mail"', 'url = "sqlite:"'))
+    path.write_text(
+        BASE.format(data_dir="var", extra="").replace(
+            'url = "postgresql://gannet@db.example.test:5432/mail"', 'url = "sqlite:"'
+        )
+    )
     q = load(path).queue
     assert q.node == "" and owner_name(q, "local") == "local"
     assert isinstance(make_store(q, tmp_path / "var", Opener.TOOL), SqliteStore)
