@@ -14,7 +14,8 @@ The commit protocol (docs/queue.md):
 3. Until that commit nothing of the message is visible to `claim_due`.
 4. Delivery claims recipients under a lease (owner + token + expiry). A claim
    whose lease expired (the worker died) is claimable again: at worst a
-   message is delivered twice, never lost.
+   message is delivered twice, never lost. A live worker renews the leases
+   it still holds (`renew_leases`), so leases can be short.
 5. `record()` applies outcomes only where the lease token still matches
    (fencing): a late worker cannot overwrite a newer outcome. A message whose
    recipients are all final is removed with its body, in the same transaction.

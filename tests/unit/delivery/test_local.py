@@ -366,6 +366,30 @@ async def test_stop_finishes_and_records_writes_in_flight(tmp_path: Path) -> Non
     executor.shutdown()
 
 
+async def test_held_leases_are_renewed_and_one_taken_over_is_not_recorded(tmp_path: Path) -> None:
+    executor = GatedExecutor()
+    h = Harness(tmp_path, executor=executor, lease_seconds=30.0)
+    await h.enqueue(h.message("Q1", "bob@example.test"), h.message("Q2", "carol@example.test"))
+    h.start()
+    await until(lambda: executor.entered == 2)  # both writes held back
+    h.clock.advance(10)  # a third of the lease: the renewal
+    await until(lambda: h.store.renew_calls == [2])
+    bob = h.store.recipient("bob@example.test")
+    assert bob.lease_until == T0 + 40
+    # Another node takes Q2 (as if our renewals had come too late).
+    theirs = h.store.recipient("carol@example.test")
+    theirs.lease_owner, theirs.lease_token = "other", "their-token"
+    h.clock.advance(10)
+    await until(lambda: h.loop.leases.lost == 1)
+    executor.gate.set()
+    await until(lambda: h.store.messages.keys() == {"Q2"})
+    assert [o.recipient_id for call in h.store.record_calls for o in call] == [bob.id]  # not carol's
+    assert theirs.state is RecipientState.DELIVERING and theirs.lease_token == "their-token"
+    assert h.loop.leases.held == 0
+    await h.stop()
+    executor.shutdown()
+
+
 async def test_stop_waits_for_the_record_commit(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     h.store.record_gate = asyncio.Event()
