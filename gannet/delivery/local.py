@@ -47,6 +47,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from gannet import maillog
 from gannet.clock import Clock
 from gannet.config import DeliveryConfig
 from gannet.delivery.attempts import Verdict, verdict
@@ -434,7 +435,8 @@ class LocalDelivery(ClaimLoop):
             return
         for pause in (*RECORD_BACKOFF, None):
             try:
-                await self._store.record(outcomes, dsns)
+                for queue_id in await self._store.record(outcomes, dsns):
+                    maillog.removed(queue_id)
             except Exception:
                 self.stats.record_errors += 1
                 log.exception("local delivery: recording %d outcomes failed", len(outcomes))

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+from gannet import maillog
 from gannet.clock import Clock
 from gannet.queue.model import NewMessage, RecipientOutcome
 from gannet.queue.store import QueueStore
@@ -83,7 +84,8 @@ class OutcomeRecorder:
     async def _commit(self, outcomes: list[RecipientOutcome], follow_ups: list[NewMessage]) -> None:
         for pause in (*BACKOFF, None):
             try:
-                await self._store.record(outcomes, follow_ups)
+                for queue_id in await self._store.record(outcomes, follow_ups):
+                    maillog.removed(queue_id)
             except Exception:
                 self.errors += 1
                 log.exception("recording %d delivery outcomes failed", len(outcomes))

@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gannet import maillog
 from gannet.clock import Clock
 from gannet.config import DeliveryConfig
 from gannet.delivery import attempts
@@ -123,7 +124,8 @@ class Sweep:
                 reports = [v.report for v in verdicts if v.report is not None]
                 if reports and self._bounces is not None:
                     dsns += await self._bounces.reports(claim, reports, now=now)
-            await self._store.record(outcomes, dsns)
+            for queue_id in await self._store.record(outcomes, dsns):
+                maillog.removed(queue_id)
             if dsns:
                 self._on_released()
             result.expired += len(outcomes)
