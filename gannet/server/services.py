@@ -22,13 +22,10 @@ from gannet.server.auth import PasswordVerifier
 
 @dataclass(slots=True)
 class Counters:
-    """Process-wide counts, read by logs and (later) /metrics."""
+    """What the session loop itself reads (the max_sessions limit); the counts for
+    /metrics are in gannet.metrics."""
 
     sessions_open: int = 0
-    sessions_total: int = 0
-    messages_accepted: int = 0
-    messages_refused: int = 0
-    auth_failures: int = 0
 
 
 @dataclass(slots=True)

@@ -144,7 +144,6 @@ class Session:
             early = arrival.early
         counters = self.services.counters
         counters.sessions_open += 1
-        counters.sessions_total += 1
         metrics.session_opened(self.listener.address)
         maillog.connect(self.session_id, self.client, self.listener.address)
         try:
@@ -221,7 +220,6 @@ class Session:
                     self._write(conn.send(reply))
             case ev.MessageRefused(reply=reply):
                 self._end_transaction()
-                self.services.counters.messages_refused += 1
                 self._refused("DATA", reply)
                 self._write(conn.send(reply))
             case ev.CommandError(reply=reply, reason=reason):
@@ -375,7 +373,6 @@ class Session:
             self._end_transaction()
             return [R.R451_LOCAL_ERROR] * n_replies
         txn.spool = None  # the store owns the body now
-        self.services.counters.messages_accepted += 1
         metrics.received(self.listener.address, [r.domain for r in message.recipients])
         maillog.queued(
             txn.queue_id,
@@ -455,7 +452,6 @@ class Session:
         else:
             ok = await self.services.verifier.verify(username, event.password)
         if not ok:
-            self.services.counters.auth_failures += 1
             metrics.auth_failed(self.listener.address, self.client, username, event.mechanism)
             maillog.auth_failed(self.session_id, self.client, username, event.mechanism)
             return R.R535_AUTH_FAILED
