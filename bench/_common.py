@@ -17,9 +17,9 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -29,6 +29,8 @@ import peers  # noqa: E402  (tests/peers.py, found through the line above)
 BENCH_USER = "alice@example.test"
 BENCH_PASSWORD = "bench-password"
 
+
+T = TypeVar("T")
 
 def require(*programs: str) -> None:
     """Exit with a clear message when a program the benchmark needs is missing."""
@@ -165,6 +167,23 @@ def _cell(v: object) -> str:
 
 def _numeric(c: str) -> bool:
     return c.replace(",", "").replace(".", "").replace("x", "").replace("-", "").isdigit()
+
+
+def median_by(items: list[T], key: Callable[[T], float]) -> T:
+    """The middle item by `key` (the lower middle for an even count)."""
+    ordered = sorted(items, key=key)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def pair_ratios(ours: list[float], theirs: list[float]) -> str:
+    """'1.52x' for one pair; 'MEDIANx (a/b/c)' for several: run i of ours over run i of theirs."""
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True) if b]
+    if not ratios:
+        return ""
+    middle = sorted(ratios)[(len(ratios) - 1) // 2]
+    if len(ratios) == 1:
+        return f"{middle:.2f}x"
+    return f"{middle:.2f}x ({'/'.join(f'{r:.2f}' for r in ratios)})"
 
 
 class Profiler:

@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-url", metavar="URL",
                         help="Gannet's queue: postgres (a private PostgreSQL) or a postgresql:// URL; "
                              "default SQLite (see _common.BenchQueue)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="runs per configuration, the servers (or checks off/on) alternating; "
+                             "the tables show medians and every pair's ratio (this host is shared "
+                             "and noisy: one run can be off by a quarter)")
     parser.add_argument("--mailauth", action="store_true",
                         help="Gannet only: the accept rate with SPF/DKIM/DMARC checks off and on "
                              "(bench/accept_mailauth.py)")
@@ -144,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mailauth:
         import accept_mailauth
 
-        return accept_mailauth.main(sessions, styles, messages, args.size, args.keep, args.profile)
+        return accept_mailauth.main(sessions, styles, messages, args.size, args.keep, args.profile,
+                                    repeat=args.repeat)
     servers = args.servers.split(",")
     if not set(styles) <= {"one", "many"} or not set(servers) <= set(SERVERS):
         parser.error("--styles takes one,many and --servers gannet,postfix")
@@ -152,30 +157,33 @@ def main(argv: list[str] | None = None) -> int:
     peers.raise_nofile(4096)
     queue = _common.BenchQueue(args.queue_url)
 
-    runs: dict[tuple[str, int, str], Run] = {}
+    runs: dict[tuple[str, int, str], list[Run]] = {}
     for n in sessions:
         for style in styles:
-            for server in servers:
-                print(f"… {server}: {messages} messages, {n} sessions, {style} per connection",
-                      file=sys.stderr, flush=True)
-                runs[server, n, style] = r = run_once(server, n, style, messages, args.size, args.keep,
-                                                      args.profile, queue)
-                print(f"  {r.rate:,.0f} msgs/s, {r.ms_per_msg(r.cpu_total):.2f} ms CPU/msg",
-                      file=sys.stderr, flush=True)
+            for _ in range(max(1, args.repeat)):
+                for server in servers:
+                    print(f"… {server}: {messages} messages, {n} sessions, {style} per connection",
+                          file=sys.stderr, flush=True)
+                    r = run_once(server, n, style, messages, args.size, args.keep, args.profile, queue)
+                    runs.setdefault((server, n, style), []).append(r)
+                    print(f"  {r.rate:,.0f} msgs/s, {r.ms_per_msg(r.cpu_total):.2f} ms CPU/msg",
+                          file=sys.stderr, flush=True)
 
     rows = []
-    for (server, n, style), r in runs.items():
+    for (server, n, style), rs in runs.items():
+        r = _common.median_by(rs, lambda run: run.rate)
         ratio_rate = ratio_cpu = ""
-        other = runs.get(("postfix", n, style))
-        if server == "gannet" and other:
-            ratio_rate = f"{r.rate / other.rate:.2f}x"
-            ratio_cpu = f"{r.cpu_total / other.cpu_total:.2f}x"
+        others = runs.get(("postfix", n, style))
+        if server == "gannet" and others:
+            ratio_rate = _common.pair_ratios([g.rate for g in rs], [p.rate for p in others])
+            ratio_cpu = _common.pair_ratios([g.cpu_total for g in rs], [p.cpu_total for p in others])
         name = server if server != "gannet" else f"gannet ({queue.label})"
         rows.append([name, n, "1 per conn" if style == "one" else "all on 1 conn", r.rate, r.wall, r.drain,
                      r.ms_per_msg(r.cpu_accept), r.ms_per_msg(r.cpu_total), ratio_rate, ratio_cpu])
     queue.close()
+    repeats = f"; median of {args.repeat} runs each, ratios: median (every pair)" if args.repeat > 1 else ""
     print(f"\n{messages} messages of {args.size} bytes, 1 recipient each; "
-          f"{os.cpu_count()} CPUs; CPU ms/msg = server CPU / messages\n")
+          f"{os.cpu_count()} CPUs; CPU ms/msg = server CPU / messages{repeats}\n")
     print(_common.table(["server", "sessions", "connections", "msgs/s", "wall s", "drain s",
                          "CPU ms/msg accept", "CPU ms/msg total", "rate G/P", "CPU G/P"], rows))
     return 0

@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 from gannet.queue import sqlite_ops as ops
 from gannet.queue import sqlite_recovery as recovery
+from gannet.queue import sqlite_stats as stats
 from gannet.queue import sqlite_views as views
 from gannet.queue.model import (
     Claim,
@@ -60,8 +61,8 @@ from gannet.queue.model import (
     TraceEvent,
     Transport,
 )
+from gannet.queue.sqlite_reader import Reader
 from gannet.queue.sqlite_schema import connect
-from gannet.queue.sqlite_stats import StatsReader
 from gannet.queue.sqlite_writer import Job, Writer, WriterStats
 
 log = logging.getLogger("gannet.queue")
@@ -100,7 +101,10 @@ class SqliteStore:
         self._writer: Writer | None = None
         self._closing = False
         self._stats = WriterStats()  # kept across close/open
-        self._reader: StatsReader | None = None  # aggregate reads off the writer (sqlite_stats)
+        # Reads off the writer thread and its lock (sqlite_reader): hot ones (bodies,
+        # next due) and the slow aggregate scans, apart so one cannot wait behind the other.
+        self._reader: Reader | None = None
+        self._stats_reader: Reader | None = None
         # Built once: the writer combines consecutive jobs whose `bulk` is the same object.
         self._enqueue_many = partial(ops.enqueue_many, self._ctx)
 
@@ -147,9 +151,10 @@ class SqliteStore:
         writer.stop()  # the thread finishes what was submitted before this
         await asyncio.get_running_loop().run_in_executor(None, writer.join)
         self._writer = None
-        if self._reader is not None:
-            await self._reader.close()
-            self._reader = None
+        for reader in (self._reader, self._stats_reader):
+            if reader is not None:
+                await reader.close()
+        self._reader = self._stats_reader = None
 
     async def _call(
         self,
@@ -165,6 +170,14 @@ class SqliteStore:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         writer.submit(Job(partial(op, self._ctx), arg, future, bulk, durable))
         return await future
+
+    async def _read(self, fn: Callable[..., T], *args: object) -> T:
+        """A read of committed state, off the writer (see sqlite_reader)."""
+        if self._writer is None or self._closing:
+            raise QueueError("the queue store is not open")
+        if self._reader is None:
+            self._reader = Reader(self.path)
+        return await self._reader.run(fn, *args)
 
     # --- the hot path ----------------------------------------------------------
 
@@ -186,7 +199,7 @@ class SqliteStore:
         return await self._call(ops.claim_due, (now, limit, lease_seconds, owner, transport), durable=False)
 
     async def read_body(self, queue_id: str) -> bytes:
-        source = await self._call(recovery.body_source, queue_id)
+        source = await self._read(recovery.body_source, self._ctx, queue_id)
         if isinstance(source, bytes):
             return source
         path, size = source
@@ -205,7 +218,7 @@ class SqliteStore:
         return data
 
     async def body_file(self, queue_id: str) -> Path | None:
-        return await self._call(recovery.body_file, queue_id, durable=False)
+        return await self._read(recovery.body_file, self._ctx, queue_id)
 
     async def record(
         self, outcomes: Sequence[RecipientOutcome], enqueue: Sequence[NewMessage] = ()
@@ -216,7 +229,7 @@ class SqliteStore:
         return await self._call(ops.record, (tuple(outcomes), tuple(enqueue)))
 
     async def next_due(self, transport: Transport | None = None) -> float | None:
-        return await self._call(ops.next_due, transport)
+        return await self._read(ops.next_due, transport)
 
     async def release_leases(self, owner: str) -> int:
         return await self._call(ops.release_leases, owner)
@@ -265,17 +278,17 @@ class SqliteStore:
         await self._call(ops.delete, (queue_id, now))
 
     async def queue_stats(self) -> QueueStats:
-        return await self._stats_reader().queue_stats()
+        return await self._scan(stats.queue_stats)
 
     async def deferral_reasons(self, limit: int) -> list[DeferralReason]:
-        return await self._stats_reader().deferral_reasons(limit)
+        return await self._scan(stats.deferral_reasons, limit)
 
-    def _stats_reader(self) -> StatsReader:
+    async def _scan(self, fn: Callable[..., T], *args: object) -> T:
         if self._writer is None or self._closing:
             raise QueueError("the queue store is not open")
-        if self._reader is None:
-            self._reader = StatsReader(self.path)
-        return self._reader
+        if self._stats_reader is None:
+            self._stats_reader = Reader(self.path, what="queue statistics")
+        return await self._stats_reader.run(fn, *args)
 
     async def trace(self, key: str) -> list[TraceEvent]:
         return await self._call(views.trace, key, durable=False)

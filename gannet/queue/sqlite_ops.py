@@ -172,20 +172,20 @@ def enqueue_one(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, message: NewMessag
 
 # --- claim ---------------------------------------------------------------------
 
+# The message's columns come with each row (a join), not from one more SELECT
+# per message: the claim is on the delivery worker's side of the write lock.
 _CLAIM_COLUMNS = """
-    SELECT id, queue_id, address, transport, domain, mailbox, original, orcpt, notify, attempts, warned
-    FROM recipients
+    SELECT r.id, r.queue_id, r.address, r.transport, r.domain, r.mailbox, r.original, r.orcpt,
+           r.notify, r.attempts, r.warned,
+           m.sender, m.received_at, m.envid, m.ret, m.smtputf8, m.body_8bit, m.size
+    FROM recipients r JOIN messages m ON m.queue_id = r.queue_id
 """
 # `due_at <= ?` implies `due_at IS NOT NULL`, so SQLite uses the partial indexes.
-CLAIM_SQL = _CLAIM_COLUMNS + "WHERE due_at <= ? ORDER BY due_at LIMIT ?"
-CLAIM_BY_TRANSPORT_SQL = _CLAIM_COLUMNS + "WHERE transport = ? AND due_at <= ? ORDER BY due_at LIMIT ?"
+CLAIM_SQL = _CLAIM_COLUMNS + "WHERE r.due_at <= ? ORDER BY r.due_at LIMIT ?"
+CLAIM_BY_TRANSPORT_SQL = _CLAIM_COLUMNS + "WHERE r.transport = ? AND r.due_at <= ? ORDER BY r.due_at LIMIT ?"
 _LEASE = """
     UPDATE recipients SET state = 'delivering', lease_owner = ?, lease_token = ?, lease_until = ?
     WHERE id = ?
-"""
-_CLAIM_MESSAGE = """
-    SELECT sender, received_at, envid, ret, smtputf8, body_8bit, size
-    FROM messages WHERE queue_id = ?
 """
 
 ClaimArgs = tuple[float, int, float, str, Transport | None]
@@ -204,13 +204,13 @@ def claim_due(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: ClaimArgs) -> l
 
 # The sweep's claim: unfinished, unparked recipients of messages received before
 # a cutoff, whatever their next_attempt, unless under a live lease.
-_CLAIM_EXPIRED_SQL = """
-    SELECT r.id, r.queue_id, r.address, r.transport, r.domain, r.mailbox, r.original, r.orcpt,
-           r.notify, r.attempts, r.warned
-    FROM messages m JOIN recipients r ON r.queue_id = m.queue_id
+_CLAIM_EXPIRED_SQL = (
+    _CLAIM_COLUMNS
+    + """
     WHERE m.received_at < ? AND r.due_at IS NOT NULL AND (r.state != 'delivering' OR r.lease_until <= ?)
     ORDER BY m.received_at LIMIT ?
 """
+)
 
 ClaimExpiredArgs = tuple[float, float, int, float, str]
 
@@ -224,25 +224,26 @@ def claim_expired(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: ClaimExpire
 
 
 def _lease(conn: sqlite3.Connection, rows: list[Any], lease_until: float, owner: str) -> list[Claim]:
-    """Lease `rows` (claim columns) to `owner` and group them into Claims, in row order."""
+    """Lease `rows` (_CLAIM_COLUMNS) to `owner` and group them into Claims, in row order."""
     if not rows:
         return []
     # One fresh token per claim: a worker that lost its lease holds an older one.
     token = secrets.token_hex(12)
     conn.executemany(_LEASE, [(owner, token, lease_until, row[0]) for row in rows])
     by_message: dict[str, list[ClaimedRecipient]] = {}
-    for rid, qid, address, tr, domain, mailbox, original, orcpt, notify, attempts, warned in rows:
+    message_columns: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        rid, qid, address, tr, domain, mailbox, original, orcpt, notify, attempts, warned = row[:11]
         by_message.setdefault(qid, []).append(
             ClaimedRecipient(
                 rid, address, Transport(tr), domain, mailbox, original, orcpt, notify, attempts, token,
                 bool(warned),
             )
         )  # fmt: skip
+        message_columns.setdefault(qid, row[11:])
     claims = []
     for qid, recipients in by_message.items():  # dicts keep the oldest-due-first order
-        sender, received_at, envid, ret, smtputf8, body_8bit, size = conn.execute(
-            _CLAIM_MESSAGE, (qid,)
-        ).fetchone()
+        sender, received_at, envid, ret, smtputf8, body_8bit, size = message_columns[qid]
         claims.append(
             Claim(
                 qid, sender, received_at, envid, ret, bool(smtputf8), bool(body_8bit), size,
@@ -256,7 +257,8 @@ NEXT_DUE_SQL = "SELECT MIN(due_at) FROM recipients WHERE due_at IS NOT NULL"
 NEXT_DUE_BY_TRANSPORT_SQL = NEXT_DUE_SQL + " AND transport = ?"
 
 
-def next_due(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, transport: Transport | None) -> float | None:
+def next_due(conn: sqlite3.Connection, transport: Transport | None) -> float | None:
+    """Run by the store's Reader, off the writer: a hint for an idle wait."""
     if transport is None:
         row = conn.execute(NEXT_DUE_SQL).fetchone()
     else:
@@ -269,8 +271,12 @@ def next_due(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, transport: Transport 
 # Fencing: the WHERE clause is the whole rule. A stale token matches nothing.
 _FENCE = "WHERE id = ? AND lease_token = ? AND state = 'delivering' RETURNING queue_id, address"
 _CLEAR_LEASE = "lease_owner = NULL, lease_token = NULL, lease_until = NULL"
-_SET_DELIVERED = (
-    f"UPDATE recipients SET state = 'delivered', attempts = attempts + 1, {_CLEAR_LEASE} {_FENCE}"
+# Deliveries, the common outcome, in one statement per lease token (a claim's
+# recipients share one): a statement per recipient cost the delivery worker
+# most of its time under the write lock.
+_SET_DELIVERED_MANY = (
+    f"UPDATE recipients SET state = 'delivered', attempts = attempts + 1, {_CLEAR_LEASE} "
+    "WHERE lease_token = ? AND state = 'delivering' AND id IN ({marks}) RETURNING id, queue_id, address"
 )
 _SET_DEFERRED = (
     "UPDATE recipients SET state = 'deferred', attempts = attempts + 1, next_attempt = ?, "
@@ -280,41 +286,74 @@ _SET_FAILED = (
     "UPDATE recipients SET state = 'failed', attempts = attempts + 1, last_error = ?, "
     f"{_CLEAR_LEASE} {_FENCE}"
 )
-_UNFINISHED = "SELECT 1 FROM recipients WHERE queue_id = ? AND state NOT IN ('delivered', 'failed') LIMIT 1"
+_UNFINISHED = (
+    "SELECT DISTINCT queue_id FROM recipients "
+    "WHERE queue_id IN ({marks}) AND state NOT IN ('delivered', 'failed')"
+)
+# Host parameters per statement: far below SQLite's limit (32766 since 3.32).
+_CHUNK = 500
 
 RecordArgs = tuple[Sequence[RecipientOutcome], Sequence[NewMessage]]
 
 
+def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
+    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
 def record(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: RecordArgs) -> list[str]:
     outcomes, follow_ups = arg
+    applied = _apply_deliveries(conn, [o for o in outcomes if isinstance(o.outcome, Delivered)])
     touched: dict[str, float] = {}  # message ID → its latest outcome's time, in first-seen order
     history = []
-    for o in outcomes:
+    for o in outcomes:  # in the caller's order, so that history reads as it happened
         result = o.outcome
         if isinstance(result, Delivered):
             event, detail = "delivered", result.detail
-            rows = conn.execute(_SET_DELIVERED, (o.recipient_id, o.lease_token)).fetchall()
-        elif isinstance(result, Deferred):
-            event, detail = "deferred", result.reason
-            params = (result.retry_at, result.reason, result.warned, o.recipient_id, o.lease_token)
-            rows = conn.execute(_SET_DEFERRED, params).fetchall()
+            row = applied.pop(o.recipient_id, None)
         else:
-            event, detail = "failed", result.reason
-            params2 = (result.reason, o.recipient_id, o.lease_token)
-            rows = conn.execute(_SET_FAILED, params2).fetchall()
-        if not rows:
+            if isinstance(result, Deferred):
+                event, detail = "deferred", result.reason
+                params = (result.retry_at, result.reason, result.warned, o.recipient_id, o.lease_token)
+                rows = conn.execute(_SET_DEFERRED, params).fetchall()
+            else:
+                event, detail = "failed", result.reason
+                rows = conn.execute(_SET_FAILED, (result.reason, o.recipient_id, o.lease_token)).fetchall()
+            row = rows[0] if rows else None
+        if row is None:
             log.info("queue: outcome for recipient %d ignored: lease lost", o.recipient_id)
             continue
-        qid, address = rows[0]
+        qid, address = row
         touched[qid] = max(touched.get(qid, o.at), o.at)
         history.append((qid, o.at, address, event, detail))
     conn.executemany(_INSERT_HISTORY, history)
     if follow_ups:
         enqueue_many(ctx, conn, txn, list(follow_ups))
-    completed = [qid for qid in touched if conn.execute(_UNFINISHED, (qid,)).fetchone() is None]
-    for qid in completed:
-        remove_message(ctx, conn, txn, qid, touched[qid])
+    unfinished: set[str] = set()
+    for chunk in _chunks(list(touched)):
+        unfinished.update(r[0] for r in conn.execute(_UNFINISHED.format(marks=_marks(len(chunk))), chunk))
+    completed = [qid for qid in touched if qid not in unfinished]
+    remove_messages(ctx, conn, txn, [(qid, touched[qid]) for qid in completed])
     return completed
+
+
+def _apply_deliveries(
+    conn: sqlite3.Connection, outcomes: list[RecipientOutcome]
+) -> dict[int, tuple[str, str]]:
+    """Mark fenced recipients delivered: recipient id → (queue ID, address) for each applied."""
+    by_token: dict[str, list[int]] = {}
+    for o in outcomes:
+        by_token.setdefault(o.lease_token, []).append(o.recipient_id)
+    applied: dict[int, tuple[str, str]] = {}
+    for token, ids in by_token.items():
+        for chunk in _chunks(ids):
+            sql = _SET_DELIVERED_MANY.format(marks=_marks(len(chunk)))
+            for rid, qid, address in conn.execute(sql, (token, *chunk)):
+                applied[rid] = (qid, address)
+    return applied
 
 
 _KEEP_SUMMARY = """
@@ -323,18 +362,24 @@ _KEEP_SUMMARY = """
 """
 
 
-def remove_message(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str, at: float) -> bool:
-    """Delete a message's rows, keeping a summary and its history for `trace`; its
-    body file goes after the commit. False if absent."""
-    row = conn.execute("SELECT spool_path FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
-    if row is None:
-        return False
-    conn.execute(_KEEP_SUMMARY, (at, queue_id))
-    for table in ("recipients", "bodies", "messages"):
-        conn.execute(f"DELETE FROM {table} WHERE queue_id = ?", (queue_id,))
-    if row[0] is not None:
-        txn.after_commit.append(partial(_unlink, ctx.spool_dir / row[0]))
-    return True
+def remove_messages(
+    ctx: Ctx, conn: sqlite3.Connection, txn: Txn, removals: Sequence[tuple[str, float]]
+) -> set[str]:
+    """Delete messages' rows (queue ID, time of removal), keeping a summary and their
+    history for `trace`; body files go after the commit. Returns the IDs found."""
+    found: set[str] = set()
+    for chunk in _chunks(removals):
+        marks = _marks(len(chunk))
+        ids = [qid for qid, _ in chunk]
+        rows = conn.execute(f"SELECT queue_id, spool_path FROM messages WHERE queue_id IN ({marks})", ids)
+        for qid, spool_path in rows.fetchall():
+            found.add(qid)
+            if spool_path is not None:
+                txn.after_commit.append(partial(_unlink, ctx.spool_dir / spool_path))
+        conn.executemany(_KEEP_SUMMARY, [(at, qid) for qid, at in chunk if qid in found])
+        for table in ("recipients", "bodies", "messages"):
+            conn.execute(f"DELETE FROM {table} WHERE queue_id IN ({marks})", ids)
+    return found
 
 
 def _unlink(path: Path) -> None:
@@ -390,7 +435,7 @@ def retry(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str | None, f
 
 def delete(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, float]) -> None:
     queue_id, now = arg
-    if not remove_message(ctx, conn, txn, queue_id, now):
+    if not remove_messages(ctx, conn, txn, [(queue_id, now)]):
         raise NoSuchMessage(queue_id)
     conn.execute(_INSERT_HISTORY, (queue_id, now, "", "deleted", ""))
 

@@ -30,7 +30,7 @@ from gannet.queue.sqlite_writer import Txn
 log = logging.getLogger("gannet.queue")
 
 
-def body_source(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str) -> bytes | tuple[Path, int]:
+def body_source(conn: sqlite3.Connection, ctx: Ctx, queue_id: str) -> bytes | tuple[Path, int]:
     """The inline body, or (file path, expected size) to be read off the writer thread."""
     row = conn.execute(
         "SELECT m.spool_path, m.size, b.data FROM messages m "
@@ -45,7 +45,7 @@ def body_source(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str) -> 
     return ctx.spool_dir / spool_path, int(size)
 
 
-def body_file(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, queue_id: str) -> Path | None:
+def body_file(conn: sqlite3.Connection, ctx: Ctx, queue_id: str) -> Path | None:
     """The spool file of a spooled body, or None for an inline one (not read)."""
     row = conn.execute("SELECT spool_path FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
     if row is None:

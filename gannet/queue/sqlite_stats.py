@@ -3,25 +3,17 @@ oldest age by state, top deferral reasons by destination.
 
 Why not through the writer thread like every other store call: these are scans
 of the whole queue (1.3 s for a million recipients on the development VM), and
-on the writer thread every enqueue would wait behind them. Here they run on a
-connection of their own, in a thread of their own; in WAL mode a reader never
-blocks the writer (nor the writer it), and sees only committed transactions.
-Read-only (`PRAGMA query_only`); never writes, never holds a transaction open
-between calls. Plain SQL so that the PostgreSQL store can use the same text.
+on the writer thread every enqueue would wait behind them. They run on a
+`sqlite_reader.Reader` of their own (not the one for bodies, which must not
+wait behind a scan). Read-only; plain SQL so that the PostgreSQL store can use
+the same text.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import TypeVar
 
-from gannet.queue.model import DeferralReason, QueueError, QueueStats, StateCount
-
-T = TypeVar("T")
+from gannet.queue.model import DeferralReason, QueueStats, StateCount
 
 STATE_COUNTS_SQL = """
     SELECT CASE WHEN m.quarantined <> 0 THEN 'quarantined'
@@ -63,44 +55,3 @@ def deferral_reasons(conn: sqlite3.Connection, limit: int) -> list[DeferralReaso
         DeferralReason(str(domain), str(reason), int(n), float(oldest))
         for domain, reason, n, oldest in conn.execute(DEFERRAL_REASONS_SQL, (limit,))
     ]
-
-
-class StatsReader:
-    """One read-only connection, used by one thread; calls are serialized."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-stats")
-        self._conn: sqlite3.Connection | None = None
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA query_only=ON")
-            conn.execute("PRAGMA busy_timeout=10000")
-            self._conn = conn
-        return self._conn
-
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        def call() -> T:
-            try:
-                return fn(self._connection(), *args)
-            except sqlite3.Error as exc:
-                raise QueueError(f"queue statistics: {exc}") from exc
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-
-    async def queue_stats(self) -> QueueStats:
-        return await self._run(queue_stats)
-
-    async def deferral_reasons(self, limit: int) -> list[DeferralReason]:
-        return await self._run(deferral_reasons, limit)
-
-    async def close(self) -> None:
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
-        self._executor.shutdown(wait=True)

@@ -1,6 +1,7 @@
-"""The SQLite store's aggregate reads run beside the writer, not on it: a
-queue scan for the dashboard never makes an enqueue wait, and the writer
-being busy never makes the dashboard wait."""
+"""The SQLite store's reads run beside the writer, not on it (sqlite_reader): a
+queue scan for the dashboard never makes an enqueue wait; the writer being
+busy never makes the dashboard wait; and the delivery worker reads bodies and
+the next due time without taking the write lock the sessions commit under."""
 
 from __future__ import annotations
 
@@ -51,18 +52,39 @@ async def test_stats_are_answered_while_the_writer_is_busy(store: SqliteStore) -
     assert stats.messages == 1 and reasons == []
 
 
-async def test_stats_use_a_read_only_connection_of_their_own(store: SqliteStore) -> None:
+async def test_reads_use_read_only_connections_of_their_own(store: SqliteStore) -> None:
     writer_thread = await store.testing_call(lambda conn: threading.get_ident())
+    queued = message()
+    await store.enqueue(queued)
     await store.queue_stats()
-    reader = store._stats_reader()
-    loop = asyncio.get_running_loop()
+    await store.read_body(queued.queue_id)
 
-    def facts() -> tuple[int, int]:
-        return threading.get_ident(), reader._connection().execute("PRAGMA query_only").fetchone()[0]
+    def facts(conn: sqlite3.Connection) -> tuple[int, int]:
+        return threading.get_ident(), conn.execute("PRAGMA query_only").fetchone()[0]
 
-    reader_thread, query_only = await loop.run_in_executor(reader._executor, facts)
-    assert reader_thread != writer_thread
-    assert query_only == 1
+    assert store._stats_reader is not None and store._reader is not None
+    stats_thread, stats_query_only = await store._stats_reader.run(facts)
+    body_thread, body_query_only = await store._reader.run(facts)
+    assert len({writer_thread, stats_thread, body_thread}) == 3  # a scan never delays a body read
+    assert stats_query_only == body_query_only == 1
+
+
+async def test_bodies_and_next_due_are_read_while_another_process_holds_the_write_lock(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    queued = message()
+    await store.enqueue(queued)
+    other = sqlite3.connect(tmp_path / "q.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # as a session's commit in the server would
+        body = await asyncio.wait_for(store.read_body(queued.queue_id), 5)
+        due = await asyncio.wait_for(store.next_due(Transport.SMTP), 5)
+        assert await asyncio.wait_for(store.body_file(queued.queue_id), 5) is None  # inline
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert body == queued.body.data
+    assert due == queued.received_at
 
 
 async def test_a_closed_store_refuses(tmp_path: Path) -> None:
