@@ -35,6 +35,8 @@ from gannet.queue.model import (
 from gannet.queue.sqlite import SqliteStore
 from gannet.queue.sqlite_schema import SCHEMA_VERSION
 
+from .writer_gate import occupy_writer
+
 T0 = 1_800_000_000.0
 
 
@@ -127,19 +129,6 @@ async def test_two_stores_on_one_database_take_turns_without_busy_errors(tmp_pat
     finally:
         await b.close()
         await a.close()
-
-
-async def occupy_writer(store: SqliteStore) -> tuple[threading.Event, asyncio.Future[bool]]:
-    """Keep the writer busy inside a transaction until the returned gate is set."""
-    started, gate = threading.Event(), threading.Event()
-
-    def block(conn: sqlite3.Connection) -> bool:
-        started.set()
-        return gate.wait(10)
-
-    blocker = asyncio.ensure_future(store.testing_call(block))
-    await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
-    return gate, blocker
 
 
 async def test_enqueues_that_pile_up_are_committed_together(store: SqliteStore) -> None:

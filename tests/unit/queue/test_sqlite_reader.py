@@ -18,6 +18,8 @@ from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, QueueError, Transport
 from gannet.queue.sqlite import SqliteStore
 
+from .writer_gate import occupy_writer
+
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
@@ -35,14 +37,7 @@ def message() -> NewMessage:
 
 async def test_stats_are_answered_while_the_writer_is_busy(store: SqliteStore) -> None:
     await store.enqueue(message())
-    started, gate = threading.Event(), threading.Event()
-
-    def block(conn: sqlite3.Connection) -> bool:
-        started.set()
-        return gate.wait(10)
-
-    blocker = asyncio.ensure_future(store.testing_call(block))
-    await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+    gate, blocker = await occupy_writer(store)
     try:
         stats = await asyncio.wait_for(store.queue_stats(), 5)  # would hang behind the writer
         reasons = await asyncio.wait_for(store.deferral_reasons(5), 5)
