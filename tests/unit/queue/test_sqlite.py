@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -35,9 +35,10 @@ from gannet.queue.model import (
 from gannet.queue.sqlite import SqliteStore
 from gannet.queue.sqlite_schema import SCHEMA_VERSION
 
-from .writer_gate import occupy_writer
-
 T0 = 1_800_000_000.0
+
+# The conftest fixture that holds the writer inside a transaction until its gate is set.
+Occupy = Callable[[SqliteStore], Awaitable[tuple[threading.Event, "asyncio.Future[bool]"]]]
 
 
 def message(body: bytes = b"x" * 4096, **kw: object) -> NewMessage:
@@ -106,7 +107,9 @@ async def test_body_file_names_spooled_bodies_only(store: SqliteStore, tmp_path:
     assert path is not None and path.read_bytes() == await store.read_body(big.queue_id)
 
 
-async def test_two_stores_on_one_database_take_turns_without_busy_errors(tmp_path: Path) -> None:
+async def test_two_stores_on_one_database_take_turns_without_busy_errors(
+    tmp_path: Path, occupy_writer: Occupy
+) -> None:
     """The server and its delivery worker share the database: their writers
     serialize on a blocking lock, so neither sees SQLITE_BUSY or sleeps in
     SQLite's busy handler."""
@@ -131,7 +134,9 @@ async def test_two_stores_on_one_database_take_turns_without_busy_errors(tmp_pat
         await a.close()
 
 
-async def test_enqueues_that_pile_up_are_committed_together(store: SqliteStore) -> None:
+async def test_enqueues_that_pile_up_are_committed_together(
+    store: SqliteStore, occupy_writer: Occupy
+) -> None:
     """While a transaction runs, 50 enqueues arrive: the next transaction takes
     them all, and none of them returns before that commit."""
     gate, blocker = await occupy_writer(store)
@@ -154,7 +159,7 @@ async def test_a_lone_enqueue_is_committed_at_once(store: SqliteStore) -> None:
     assert store.stats.commits == commits + 1
 
 
-async def test_records_are_batched_too(store: SqliteStore) -> None:
+async def test_records_are_batched_too(store: SqliteStore, occupy_writer: Occupy) -> None:
     for _ in range(20):
         await store.enqueue(message())
     claims = await store.claim_due(T0, limit=100, lease_seconds=60, owner="w")

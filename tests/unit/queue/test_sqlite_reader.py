@@ -9,7 +9,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,6 @@ import pytest
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, QueueError, Transport
 from gannet.queue.sqlite import SqliteStore
-
-from .writer_gate import occupy_writer
 
 
 @pytest.fixture
@@ -30,12 +28,16 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     await s.close()
 
 
+# The conftest fixture that holds the writer inside a transaction until its gate is set.
+Occupy = Callable[[SqliteStore], Awaitable[tuple[threading.Event, "asyncio.Future[bool]"]]]
+
+
 def message() -> NewMessage:
     rcpt = NewRecipient("b@far.test", Transport.SMTP, "far.test")
     return NewMessage(new_queue_id(), "a@x.test", (rcpt,), InlineBody(b"S: x\r\n\r\nx\r\n"), time.time())
 
 
-async def test_stats_are_answered_while_the_writer_is_busy(store: SqliteStore) -> None:
+async def test_stats_are_answered_while_the_writer_is_busy(store: SqliteStore, occupy_writer: Occupy) -> None:
     await store.enqueue(message())
     gate, blocker = await occupy_writer(store)
     try:
