@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-url", metavar="URL",
                         help="Gannet's queue: postgres (a private PostgreSQL) or a postgresql:// URL; "
                              "default SQLite (see _common.BenchQueue)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="runs per session count, the servers alternating; medians and every "
+                             "pair's ratio (as bench/accept.py --repeat)")
     args = parser.parse_args(argv)
     messages = 2000 if args.quick else args.messages
     servers = args.servers.split(",")
@@ -119,24 +122,28 @@ def main(argv: list[str] | None = None) -> int:
     _common.require("smtp-source", "smtp-sink", *(["postfix"] if "postfix" in servers else []))
     peers.raise_nofile(4096)
     queue = _common.BenchQueue(args.queue_url)
-    runs: dict[tuple[str, int], Run] = {}
+    runs: dict[tuple[str, int], list[Run]] = {}
     for n in (int(s) for s in args.sessions.split(",")):
-        for server in servers:
-            print(f"… {server}: {messages} messages, {n} sessions", file=sys.stderr, flush=True)
-            runs[server, n] = r = run_once(server, n, messages, args.size, args.keep, args.profile, queue)
-            print(f"  {r.rate:,.0f} msgs/s end to end, {1000 * r.cpu / messages:.2f} ms CPU/msg",
-                  file=sys.stderr, flush=True)
+        for _ in range(max(1, args.repeat)):
+            for server in servers:
+                print(f"… {server}: {messages} messages, {n} sessions", file=sys.stderr, flush=True)
+                r = run_once(server, n, messages, args.size, args.keep, args.profile, queue)
+                runs.setdefault((server, n), []).append(r)
+                print(f"  {r.rate:,.0f} msgs/s end to end, {1000 * r.cpu / messages:.2f} ms CPU/msg",
+                      file=sys.stderr, flush=True)
     rows = []
-    for (server, n), r in runs.items():
-        other = runs.get(("postfix", n))
-        ratio_rate = f"{r.rate / other.rate:.2f}x" if server == "gannet" and other else ""
-        ratio_cpu = f"{r.cpu / other.cpu:.2f}x" if server == "gannet" and other else ""
+    for (server, n), rs in runs.items():
+        r = _common.median_by(rs, lambda run: run.rate)
+        others = runs.get(("postfix", n)) if server == "gannet" else None
+        ratio_rate = _common.pair_ratios([g.rate for g in rs], [p.rate for p in others]) if others else ""
+        ratio_cpu = _common.pair_ratios([g.cpu for g in rs], [p.cpu for p in others]) if others else ""
         name = server if server != "gannet" else f"gannet ({queue.label})"
         rows.append([name, n, r.rate, r.total, r.accept, r.total - r.accept, 1000 * r.cpu / messages,
                      ratio_rate, ratio_cpu])
     queue.close()
+    repeats = f"; median of {args.repeat} runs each, ratios: median (every pair)" if args.repeat > 1 else ""
     print(f"\n{messages} messages of {args.size} bytes, 1 recipient each, relayed to smtp-sink; "
-          f"{os.cpu_count()} CPUs\n")
+          f"{os.cpu_count()} CPUs{repeats}\n")
     print(_common.table(["server", "sessions", "msgs/s", "total s", "accept s", "drain s", "CPU ms/msg",
                          "rate G/P", "CPU G/P"], rows))
     return 0
