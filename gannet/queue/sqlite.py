@@ -67,6 +67,7 @@ from gannet.queue.sqlite_writer import Job, Writer, WriterStats
 
 log = logging.getLogger("gannet.queue")
 T = TypeVar("T")
+READS, SCANS = "queue read", "queue statistics"  # the store's two Readers
 
 
 class SqliteStore:
@@ -101,10 +102,9 @@ class SqliteStore:
         self._writer: Writer | None = None
         self._closing = False
         self._stats = WriterStats()  # kept across close/open
-        # Reads off the writer thread and its lock (sqlite_reader): hot ones (bodies,
-        # next due) and the slow aggregate scans, apart so one cannot wait behind the other.
-        self._reader: Reader | None = None
-        self._stats_reader: Reader | None = None
+        # Reads off the writer thread and its lock (sqlite_reader), one Reader per kind:
+        # READS (bodies, next due) never wait behind SCANS (the aggregate statistics).
+        self._readers: dict[str, Reader] = {}
         # Built once: the writer combines consecutive jobs whose `bulk` is the same object.
         self._enqueue_many = partial(ops.enqueue_many, self._ctx)
 
@@ -151,10 +151,9 @@ class SqliteStore:
         writer.stop()  # the thread finishes what was submitted before this
         await asyncio.get_running_loop().run_in_executor(None, writer.join)
         self._writer = None
-        for reader in (self._reader, self._stats_reader):
-            if reader is not None:
-                await reader.close()
-        self._reader = self._stats_reader = None
+        for reader in self._readers.values():
+            await reader.close()
+        self._readers.clear()
 
     async def _call(
         self,
@@ -171,13 +170,14 @@ class SqliteStore:
         writer.submit(Job(partial(op, self._ctx), arg, future, bulk, durable))
         return await future
 
-    async def _read(self, fn: Callable[..., T], *args: object) -> T:
-        """A read of committed state, off the writer (see sqlite_reader)."""
+    async def _read(self, fn: Callable[..., T], *args: object, kind: str = READS) -> T:
+        """`fn(connection, *args)`: a read of committed state, off the writer (see sqlite_reader)."""
         if self._writer is None or self._closing:
             raise QueueError("the queue store is not open")
-        if self._reader is None:
-            self._reader = Reader(self.path)
-        return await self._reader.run(fn, *args)
+        reader = self._readers.get(kind)
+        if reader is None:
+            reader = self._readers[kind] = Reader(self.path, what=kind)
+        return await reader.run(fn, *args)
 
     # --- the hot path ----------------------------------------------------------
 
@@ -278,17 +278,10 @@ class SqliteStore:
         await self._call(ops.delete, (queue_id, now))
 
     async def queue_stats(self) -> QueueStats:
-        return await self._scan(stats.queue_stats)
+        return await self._read(stats.queue_stats, kind=SCANS)
 
     async def deferral_reasons(self, limit: int) -> list[DeferralReason]:
-        return await self._scan(stats.deferral_reasons, limit)
-
-    async def _scan(self, fn: Callable[..., T], *args: object) -> T:
-        if self._writer is None or self._closing:
-            raise QueueError("the queue store is not open")
-        if self._stats_reader is None:
-            self._stats_reader = Reader(self.path, what="queue statistics")
-        return await self._stats_reader.run(fn, *args)
+        return await self._read(stats.deferral_reasons, limit, kind=SCANS)
 
     async def trace(self, key: str) -> list[TraceEvent]:
         return await self._call(views.trace, key, durable=False)

@@ -16,7 +16,7 @@ import pytest
 
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, QueueError, Transport
-from gannet.queue.sqlite import SqliteStore
+from gannet.queue.sqlite import READS, SCANS, SqliteStore
 
 
 @pytest.fixture
@@ -59,9 +59,8 @@ async def test_reads_use_read_only_connections_of_their_own(store: SqliteStore) 
     def facts(conn: sqlite3.Connection) -> tuple[int, int]:
         return threading.get_ident(), conn.execute("PRAGMA query_only").fetchone()[0]
 
-    assert store._stats_reader is not None and store._reader is not None
-    stats_thread, stats_query_only = await store._stats_reader.run(facts)
-    body_thread, body_query_only = await store._reader.run(facts)
+    stats_thread, stats_query_only = await store._readers[SCANS].run(facts)
+    body_thread, body_query_only = await store._readers[READS].run(facts)
     assert len({writer_thread, stats_thread, body_thread}) == 3  # a scan never delays a body read
     assert stats_query_only == body_query_only == 1
 
