@@ -11,10 +11,11 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlite_writer_gate import occupy_writer
 
 import gannet
 from gannet.queue import sqlite_ops
@@ -36,9 +37,6 @@ from gannet.queue.sqlite import SqliteStore
 from gannet.queue.sqlite_schema import SCHEMA_VERSION
 
 T0 = 1_800_000_000.0
-
-# The conftest fixture that holds the writer inside a transaction until its gate is set.
-Occupy = Callable[[SqliteStore], Awaitable[tuple[threading.Event, "asyncio.Future[bool]"]]]
 
 
 def message(body: bytes = b"x" * 4096, **kw: object) -> NewMessage:
@@ -108,7 +106,7 @@ async def test_body_file_names_spooled_bodies_only(store: SqliteStore, tmp_path:
 
 
 async def test_two_stores_on_one_database_take_turns_without_busy_errors(
-    tmp_path: Path, occupy_writer: Occupy
+    tmp_path: Path
 ) -> None:
     """The server and its delivery worker share the database: their writers
     serialize on a blocking lock, so neither sees SQLITE_BUSY or sleeps in
@@ -135,7 +133,7 @@ async def test_two_stores_on_one_database_take_turns_without_busy_errors(
 
 
 async def test_enqueues_that_pile_up_are_committed_together(
-    store: SqliteStore, occupy_writer: Occupy
+    store: SqliteStore
 ) -> None:
     """While a transaction runs, 50 enqueues arrive: the next transaction takes
     them all, and none of them returns before that commit."""
@@ -159,7 +157,7 @@ async def test_a_lone_enqueue_is_committed_at_once(store: SqliteStore) -> None:
     assert store.stats.commits == commits + 1
 
 
-async def test_records_are_batched_too(store: SqliteStore, occupy_writer: Occupy) -> None:
+async def test_records_are_batched_too(store: SqliteStore) -> None:
     for _ in range(20):
         await store.enqueue(message())
     claims = await store.claim_due(T0, limit=100, lease_seconds=60, owner="w")

@@ -9,10 +9,11 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlite_writer_gate import occupy_writer
 
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, QueueError, Transport
@@ -28,16 +29,12 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     await s.close()
 
 
-# The conftest fixture that holds the writer inside a transaction until its gate is set.
-Occupy = Callable[[SqliteStore], Awaitable[tuple[threading.Event, "asyncio.Future[bool]"]]]
-
-
 def message() -> NewMessage:
     rcpt = NewRecipient("b@far.test", Transport.SMTP, "far.test")
     return NewMessage(new_queue_id(), "a@x.test", (rcpt,), InlineBody(b"S: x\r\n\r\nx\r\n"), time.time())
 
 
-async def test_stats_are_answered_while_the_writer_is_busy(store: SqliteStore, occupy_writer: Occupy) -> None:
+async def test_stats_are_answered_while_the_writer_is_busy(store: SqliteStore) -> None:
     await store.enqueue(message())
     gate, blocker = await occupy_writer(store)
     try:
