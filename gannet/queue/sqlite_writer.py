@@ -97,6 +97,8 @@ class Job:
 
 # (future, result, exception) triples handed back to an event loop.
 _Resolution = tuple["asyncio.Future[Any]", Any, BaseException | None]
+# What a transaction leaves for Writer._finish: its resolutions, its Txn, committed or not.
+_Finished = tuple[list[_Resolution], Txn, bool]
 
 
 class _TransactionLost(Exception):
@@ -214,11 +216,17 @@ class Writer:
         pending: Sequence[Job] = batch
         while pending:
             with self._process_lock():
-                pending = self._one_transaction(conn, pending)
+                pending, finished = self._one_transaction(conn, pending)
+            # Outside the lock: removing body files and waking the callers need not
+            # keep the other process's commit waiting.
+            self._finish(*finished)
 
-    def _one_transaction(self, conn: sqlite3.Connection, pending: Sequence[Job]) -> Sequence[Job]:
-        """Run `pending` in one transaction; returns the jobs still to run (after
-        a transaction SQLite lost on its own, the rest start afresh)."""
+    def _one_transaction(
+        self, conn: sqlite3.Connection, pending: Sequence[Job]
+    ) -> tuple[Sequence[Job], _Finished]:
+        """Run `pending` in one transaction. Returns the jobs still to run (after a
+        transaction SQLite lost on its own, the rest start afresh) and what
+        `_finish` is to do with the ones that ran."""
         error: BaseException
         txn = Txn()
         done: list[_Resolution] = []
@@ -229,8 +237,7 @@ class Writer:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             error = _as_queue_error(exc)
-            self._finish([(j.future, None, error) for j in pending], txn, False)
-            return ()
+            return (), ([(j.future, None, error) for j in pending], txn, False)
         changes_before = conn.total_changes
         try:
             self._run_jobs(conn, txn, pending, done)
@@ -241,14 +248,12 @@ class Writer:
             done = [(f, None, error) for f, _, _ in done]
             done += [(j.future, None, error) for j in lost_jobs]
             _rollback_quietly(conn)
-            self._finish(done, txn, False)
-            return pending[lost.first + lost.count :]
+            return pending[lost.first + lost.count :], (done, txn, False)
         committed = self._commit(conn, changes_before)
         if not committed:
             error = QueueError("the queue database could not commit")
             done = [(f, None, error) for f, _, _ in done]
-        self._finish(done, txn, committed)
-        return ()
+        return (), (done, txn, committed)
 
     @contextlib.contextmanager
     def _process_lock(self) -> Iterator[None]:

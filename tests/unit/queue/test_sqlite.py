@@ -115,8 +115,8 @@ async def test_two_stores_on_one_database_take_turns_without_busy_errors(
     await a.open()
     await b.open()
     try:
-        # a's open() can return while a's writer still holds the lock for a few µs
-        # (it resolves before it lets go), so count b's waits from here on.
+        # Count b's waits from here on: only the wait for the transaction held
+        # below is this test's (b's own open() may meet a's last moments).
         waits_before = b.stats.lock_waits
         gate, held = await occupy_writer(a)  # a's writer is inside a transaction
         waiting = asyncio.ensure_future(b.enqueue(message()))
