@@ -31,6 +31,7 @@ from gannet.queue.views import (
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
     TRACE_COLUMNS,
+    filter_where,
     message_view,
     trace_events,
     trace_keys,
@@ -42,40 +43,6 @@ _RECIPIENT_VIEW = f"""
     FROM recipients WHERE queue_id = ANY(%s::text[]) ORDER BY id
 """
 _HISTORY_VIEW = "SELECT at, recipient, event, detail FROM history WHERE queue_id = %s ORDER BY at, id"
-
-
-def _where(f: QueueFilter) -> tuple[str, list[object]]:
-    clauses: list[str] = []
-    params: list[object] = []
-    some_recipient = "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND {})"
-    if f.sender is not None:
-        clauses.append("lower(m.sender) = lower(%s)")
-        params.append(f.sender)
-    if f.recipient is not None:
-        clauses.append(some_recipient.format("lower(r.address) = lower(%s)"))
-        params.append(f.recipient)
-    if f.domain is not None:
-        clauses.append(some_recipient.format("r.domain = %s"))
-        params.append(f.domain.lower())
-    if f.state is not None:
-        clauses.append(some_recipient.format("r.state = %s"))
-        params.append(f.state.value)
-    if f.held is not None:
-        clauses.append("m.held = %s")
-        params.append(f.held)
-    if f.quarantined is not None:
-        clauses.append("m.quarantined = %s")
-        params.append(f.quarantined)
-    if f.older_than is not None:
-        clauses.append("m.received_at < %s")
-        params.append(f.older_than)
-    if f.newer_than is not None:
-        clauses.append("m.received_at >= %s")
-        params.append(f.newer_than)
-    if f.after is not None:  # keyset paging, in list order
-        clauses.append("(m.received_at, m.queue_id) > (%s, %s)")
-        params += [f.after[0], f.after[1]]
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 async def _views(conn: Conn, rows: list[tuple[Any, ...]], history: bool) -> list[QueuedMessageView]:
@@ -95,7 +62,7 @@ async def _views(conn: Conn, rows: list[tuple[Any, ...]], history: bool) -> list
 
 
 async def list_messages(conn: Conn, f: QueueFilter | None) -> list[QueuedMessageView]:
-    where, params = _where(f or QueueFilter())
+    where, params = filter_where(f or QueueFilter(), "%s")
     sql = _MESSAGE_VIEW + where + " ORDER BY m.received_at, m.queue_id"
     if f is not None and f.limit is not None:
         sql += " LIMIT %s"

@@ -23,6 +23,7 @@ from gannet.queue.views import (
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
     TRACE_COLUMNS,
+    filter_where,
     message_view,
     trace_events,
     trace_keys,
@@ -31,40 +32,6 @@ from gannet.queue.views import (
 _MESSAGE_VIEW = f"SELECT {MESSAGE_COLUMNS} FROM messages m"
 _RECIPIENT_VIEW = f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE queue_id = ? ORDER BY id"
 _HISTORY_VIEW = "SELECT at, recipient, event, detail FROM history WHERE queue_id = ? ORDER BY at, id"
-
-
-def _where(f: QueueFilter) -> tuple[str, list[object]]:
-    clauses: list[str] = []
-    params: list[object] = []
-    some_recipient = "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND {})"
-    if f.sender is not None:
-        clauses.append("m.sender = ? COLLATE NOCASE")
-        params.append(f.sender)
-    if f.recipient is not None:
-        clauses.append(some_recipient.format("r.address = ? COLLATE NOCASE"))
-        params.append(f.recipient)
-    if f.domain is not None:
-        clauses.append(some_recipient.format("r.domain = ?"))
-        params.append(f.domain.lower())
-    if f.state is not None:
-        clauses.append(some_recipient.format("r.state = ?"))
-        params.append(f.state.value)
-    if f.held is not None:
-        clauses.append("m.held = ?")
-        params.append(int(f.held))
-    if f.quarantined is not None:
-        clauses.append("m.quarantined = ?")
-        params.append(int(f.quarantined))
-    if f.older_than is not None:
-        clauses.append("m.received_at < ?")
-        params.append(f.older_than)
-    if f.newer_than is not None:
-        clauses.append("m.received_at >= ?")
-        params.append(f.newer_than)
-    if f.after is not None:
-        clauses.append("(m.received_at > ? OR (m.received_at = ? AND m.queue_id > ?))")
-        params += [f.after[0], f.after[0], f.after[1]]
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def _view(conn: sqlite3.Connection, row: tuple[Any, ...], history: bool) -> QueuedMessageView:
@@ -76,7 +43,7 @@ def _view(conn: sqlite3.Connection, row: tuple[Any, ...], history: bool) -> Queu
 def list_messages(
     ctx: Ctx, conn: sqlite3.Connection, txn: Txn, f: QueueFilter | None
 ) -> list[QueuedMessageView]:
-    where, params = _where(f or QueueFilter())
+    where, params = filter_where(f or QueueFilter(), "?")
     sql = _MESSAGE_VIEW + where + " ORDER BY m.received_at, m.queue_id"
     if f is not None and f.limit is not None:
         sql += " LIMIT ?"

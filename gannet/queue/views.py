@@ -2,8 +2,9 @@
 
 Pure functions over the rows the stores' SELECTs return (same column order in
 both: `MESSAGE_COLUMNS`, `RECIPIENT_COLUMNS`, `TRACE_COLUMNS`), so that SQLite
-and PostgreSQL show a message, its history and its trace identically. Never
-runs SQL and never touches a connection: the stores fetch, this shapes.
+and PostgreSQL show a message, its history and its trace identically; and the
+WHERE clause of a list filter, as text, so that both select the same messages.
+Never runs SQL and never touches a connection: the stores fetch, this shapes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from gannet.queue.model import HistoryEntry, QueuedMessageView, RecipientState, RecipientView, TraceEvent
+from gannet.queue.model import (
+    HistoryEntry,
+    QueuedMessageView,
+    QueueFilter,
+    RecipientState,
+    RecipientView,
+    TraceEvent,
+)
 
 MESSAGE_COLUMNS = (
     "queue_id, sender, size, received_at, held, client, auth_user, message_id, envid, ret, quarantined"
@@ -22,6 +30,40 @@ RECIPIENT_COLUMNS = "id, address, state, attempts, next_attempt, last_error, ori
 TRACE_COLUMNS = "queue_id, received_at, sender, size, client, message_id"
 
 _WAITING = (RecipientState.QUEUED.value, RecipientState.DEFERRED.value)
+
+
+def filter_where(f: QueueFilter, mark: str) -> tuple[str, list[object]]:
+    """` WHERE …` over `messages m` (or "") and its parameters; `mark` is the
+    driver's placeholder ("?" for sqlite3, "%s" for psycopg). Written in SQL both
+    dialects read alike: lower() for case-insensitive addresses (ASCII in SQLite,
+    as COLLATE NOCASE is), a row comparison for keyset paging in list order."""
+    clauses: list[str] = []
+    params: list[object] = []
+
+    def where(clause: str, *values: object) -> None:
+        clauses.append(clause.replace("?", mark))
+        params.extend(values)
+
+    some_recipient = "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND {})"
+    if f.sender is not None:
+        where("lower(m.sender) = lower(?)", f.sender)
+    if f.recipient is not None:
+        where(some_recipient.format("lower(r.address) = lower(?)"), f.recipient)
+    if f.domain is not None:
+        where(some_recipient.format("r.domain = ?"), f.domain.lower())
+    if f.state is not None:
+        where(some_recipient.format("r.state = ?"), f.state.value)
+    if f.held is not None:
+        where("m.held = ?", f.held)
+    if f.quarantined is not None:
+        where("m.quarantined = ?", f.quarantined)
+    if f.older_than is not None:
+        where("m.received_at < ?", f.older_than)
+    if f.newer_than is not None:
+        where("m.received_at >= ?", f.newer_than)
+    if f.after is not None:
+        where("(m.received_at, m.queue_id) > (?, ?)", f.after[0], f.after[1])
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def recipient_view(row: Sequence[Any]) -> RecipientView:
