@@ -444,21 +444,13 @@ async def check_dmarc(resolver: Resolver, domain: str) -> Check:
 
 async def check_mta_sts(resolver: Resolver, domain: str) -> Check:
     name = f"_mta-sts.{domain}"
-    try:
-        records = [t for t in await resolver.txt(name) if re.match(r"v=STSv1\s*(;|$)", t)]
-    except DnsError as exc:
-        return _failed_lookup("mta-sts", "", exc)
-    if not records:
-        return Check(
-            "mta-sts", "", Status.PASS,
-            f"No MTA-STS record at {name} (optional: it lets senders insist on TLS, RFC 8461).",
-        )  # fmt: skip
-    url = f"https://mta-sts.{domain}/.well-known/mta-sts.txt"
-    tags = dict(
-        (part.split("=", 1)[0].strip(), part.split("=", 1)[1].strip())
-        for part in records[0].split(";")
-        if "=" in part
+    records = await _optional_records(
+        resolver, "mta-sts", name, "STSv1", "it lets senders insist on TLS, RFC 8461"
     )
+    if isinstance(records, Check):
+        return records
+    url = f"https://mta-sts.{domain}/.well-known/mta-sts.txt"
+    tags = _tags(records[0])
     if len(records) > 1 or not re.fullmatch(r"[A-Za-z0-9]{1,32}", tags.get("id", "")):
         why = "more than one record" if len(records) > 1 else "id= must be 1 to 32 letters and digits"
         return Check(
@@ -484,18 +476,12 @@ async def check_mta_sts(resolver: Resolver, domain: str) -> Check:
 
 async def check_tls_rpt(resolver: Resolver, domain: str) -> Check:
     name = f"_smtp._tls.{domain}"
-    try:
-        records = [t for t in await resolver.txt(name) if re.match(r"v=TLSRPTv1\s*(;|$)", t)]
-    except DnsError as exc:
-        return _failed_lookup("tls-rpt", "", exc)
-    if not records:
-        return Check(
-            "tls-rpt", "", Status.PASS,
-            f"No TLS-RPT record at {name} (optional: senders mail you reports of TLS failures, RFC 8460).",
-        )  # fmt: skip
-    rua = next(
-        (p.split("=", 1)[1].strip() for p in records[0].split(";") if p.strip().startswith("rua=")), ""
+    records = await _optional_records(
+        resolver, "tls-rpt", name, "TLSRPTv1", "senders mail you reports of TLS failures, RFC 8460"
     )
+    if isinstance(records, Check):
+        return records
+    rua = _tags(records[0]).get("rua", "")
     uris = [u.strip() for u in rua.split(",") if u.strip()]
     if len(records) > 1 or not uris or not all(u.startswith(("mailto:", "https:")) for u in uris):
         return Check(
@@ -505,3 +491,27 @@ async def check_tls_rpt(resolver: Resolver, domain: str) -> Check:
             txt_line(name, f"v=TLSRPTv1; rua=mailto:postmaster@{domain}"),
         )  # fmt: skip
     return Check("tls-rpt", "", Status.PASS, f"TLS reports go to {', '.join(uris)}.")
+
+
+async def _optional_records(
+    resolver: Resolver, check: str, name: str, version: str, what_for: str
+) -> list[str] | Check:
+    """The TXT records at `name` that start with v=`version`; or the Check to report
+    when the lookup failed or there are none (these records are optional)."""
+    try:
+        records = [t for t in await resolver.txt(name) if re.match(rf"v={version}\s*(;|$)", t)]
+    except DnsError as exc:
+        return _failed_lookup(check, "", exc)
+    if not records:
+        return Check(check, "", Status.PASS, f"No {check.upper()} record at {name} (optional: {what_for}).")
+    return records
+
+
+def _tags(record: str) -> dict[str, str]:
+    """A `tag=value; …` record's tags (RFC 8461 §3.1, RFC 8460 §3); the first of a repeated tag wins."""
+    tags: dict[str, str] = {}
+    for part in record.split(";"):
+        key, eq, value = part.partition("=")
+        if eq:
+            tags.setdefault(key.strip(), value.strip())
+    return tags
