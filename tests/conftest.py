@@ -29,12 +29,14 @@ from __future__ import annotations
 import itertools
 import tomllib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import peers
 import pytest
+
+from gannet.queue.sqlite import SqliteStore
 
 USERS = peers.USERS
 P = TypeVar("P")
@@ -72,9 +74,15 @@ def gannet(tmp_path: Path, tls_certs: peers.TlsCerts) -> Iterator[Callable[..., 
     started: list[peers.GannetProcess] = []
     counter = itertools.count(1)
 
-    def make(config_extra: str = "", *, users: dict[str, str] | None = None, start: bool = True,
-             env: dict[str, str] | None = None, nofile: int | None = None,
-             **sections: Any) -> peers.GannetProcess:
+    def make(
+        config_extra: str = "",
+        *,
+        users: dict[str, str] | None = None,
+        start: bool = True,
+        env: dict[str, str] | None = None,
+        nofile: int | None = None,
+        **sections: Any,
+    ) -> peers.GannetProcess:
         n = next(counter)
         workdir = tmp_path / ("gannet" if n == 1 else f"gannet{n}")
         workdir.mkdir(parents=True)
@@ -164,3 +172,16 @@ _schemas = itertools.count(1)
 def postgres_url(postgres_server: peers.PostgresServer) -> str:
     """The URL of a fresh, empty schema for this test (milliseconds, not a database)."""
     return postgres_server.create_schema(f"test_{next(_schemas)}")
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """An open SQLite queue in tmp_path (queue.db, spool/). Modules that need
+    another store (the contract suite, fakes, PostgreSQL) define their own `store`."""
+    (tmp_path / "spool").mkdir(exist_ok=True)
+    s = SqliteStore(tmp_path / "queue.db", spool_dir=tmp_path / "spool")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()

@@ -14,7 +14,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,17 +28,6 @@ from gannet.queue.sqlite import SqliteStore
 
 CONFIG = DeliveryConfig(retry=(60.0, 300.0), give_up_after=5 * 86400.0, local_concurrency=8)
 MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>$", re.MULTILINE)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    (tmp_path / "spool").mkdir()
-    s = SqliteStore(tmp_path / "queue.db", spool_dir=tmp_path / "spool")
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def message(queue_id: str, rcpt: str, received_at: float, pad: int = 0) -> NewMessage:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,15 +32,6 @@ def registry() -> Iterator[CollectorRegistry]:
     metrics.configure(["example.test"], registry=r)
     yield r
     metrics.disable()
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    (tmp_path / "spool").mkdir()
-    s = SqliteStore(tmp_path / "queue.db", spool_dir=tmp_path / "spool")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def new_message(

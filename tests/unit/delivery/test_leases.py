@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,15 +33,6 @@ LEASE = 30.0
 def message(queue_id: str, *addresses: str) -> NewMessage:
     rcpts = tuple(NewRecipient(a, Transport.SMTP, a.rpartition("@")[2]) for a in addresses)
     return NewMessage(queue_id, "s@x.test", rcpts, InlineBody(b"Subject: x\r\n\r\nx\r\n"), T0)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    (tmp_path / "spool").mkdir()
-    s = SqliteStore(tmp_path / "queue.db", spool_dir=tmp_path / "spool")
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def claimed(store: SqliteStore, clock: FakeClock, keeper: LeaseKeeper) -> list[Claim]:

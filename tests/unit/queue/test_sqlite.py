@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -53,16 +52,6 @@ def spooled(spool_dir: Path, data: bytes) -> NewMessage:
 
 def make(tmp_path: Path, **kw: object) -> SqliteStore:
     return SqliteStore(tmp_path / "queue.db", spool_dir=tmp_path / "spool", **kw)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = make(tmp_path)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 # --- threads and group commit ----------------------------------------------------------

@@ -9,7 +9,6 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from sqlite_writer_gate import occupy_writer
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, QueueError, Transport
 from gannet.queue.sqlite import READS, SCANS, SqliteStore
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    (tmp_path / "spool").mkdir()
-    s = SqliteStore(tmp_path / "q.db", spool_dir=tmp_path / "spool")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def message() -> NewMessage:
@@ -63,11 +53,11 @@ async def test_reads_use_read_only_connections_of_their_own(store: SqliteStore) 
 
 
 async def test_bodies_and_next_due_are_read_while_another_process_holds_the_write_lock(
-    store: SqliteStore, tmp_path: Path
+    store: SqliteStore,
 ) -> None:
     queued = message()
     await store.enqueue(queued)
-    other = sqlite3.connect(tmp_path / "q.db", isolation_level=None)
+    other = sqlite3.connect(store.path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # as a session's commit in the server would
         body = await asyncio.wait_for(store.read_body(queued.queue_id), 5)
