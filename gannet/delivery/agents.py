@@ -34,7 +34,7 @@ LMTP_OWNER = "lmtp"
 SMTP_OWNER = "smtp"
 SWEEP_OWNER = "sweep"
 OWNERS = (LOCAL_OWNER, LMTP_OWNER, SMTP_OWNER, SWEEP_OWNER)
-GATHER = 0.01  # after a wake-up, collect this long before claiming (see LocalDelivery)
+GATHER = 0.03  # after a wake-up or a small claim, collect this long before claiming (ClaimLoop._pace)
 LMTP_PORT = 24  # RFC 2033 §5 suggests no port; 24 is the IANA "any private mail system" one
 
 

@@ -7,6 +7,10 @@
 - `_idle()`: nothing was due: sleep until the next due recipient (or
   IDLE_CAP), cut short by `wake()`; then, if woken, gather `gather` seconds
   so that mail arriving message by message is claimed in batches;
+- `_pace(claims, limit)`: after a claim that found less than half its limit,
+  gather `gather` seconds too (cut short only by `stop()`), so that under a
+  steady stream the next claim takes a batch, not the one or two messages
+  committed since the last (see the method);
 - `_leases` (leases.LeaseKeeper): what `_claim` leased is held and renewed
   every third of `lease_seconds` from `_begin()` to `_end()`; the agent lets
   go of recipients once their outcome is recorded, and drops work whose
@@ -53,6 +57,7 @@ class ClaimLoop:
         self._leases = LeaseKeeper(store, clock, owner=owner, lease_seconds=lease_seconds)
         self._gather = gather
         self._wake = asyncio.Event()
+        self._stop_requested = asyncio.Event()
         self._stopping = False
         self._started = False
         self._finished = asyncio.Event()
@@ -70,6 +75,7 @@ class ClaimLoop:
         """Stop claiming; let the agent finish and record what it holds; return."""
         self._stopping = True
         self._wake.set()
+        self._stop_requested.set()
         self._stopped()
         if self._started:
             await self._finished.wait()
@@ -111,6 +117,28 @@ class ClaimLoop:
         await self._sleep_or_wake(idle_delay(self._clock.now(), await self._next_due()))
         if self._gather > 0 and self._wake.is_set() and not self._stopping:
             await self._clock.sleep(self._gather)
+
+    async def _pace(self, claims: list[Claim], limit: int) -> None:
+        """Mail arrives faster than one message per claim but slower than a batch
+        per claim: let it gather before the next claim (wake() does not cut this
+        short: every enqueue wakes us). Each claim, batch and record is a write
+        transaction and, for Maildirs, a syncfs pair; claiming whatever one or
+        two messages were committed since the last claim spends them per
+        message. Measured with bench/accept.py (10 sessions, a connection per
+        message): 30 ms of gathering cut the worker's CPU per message by about
+        a fifth and raised the accept rate by about a tenth, at the price of up
+        to 30 ms of delivery latency under load."""
+        if self._gather <= 0 or self._stopping:
+            return
+        if 2 * sum(len(c.recipients) for c in claims) >= limit:
+            return
+        sleeper = asyncio.ensure_future(self._clock.sleep(self._gather))
+        stopper = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait((sleeper, stopper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            stopper.cancel()
 
     async def _next_due(self) -> float | None:
         try:

@@ -166,10 +166,11 @@ class LocalDelivery(ClaimLoop):
         batch_sync: bool = False,
         on_enqueued: Callable[[], None] = lambda: None,
     ) -> None:
-        """`gather`: after an idle wait ended by wake(), wait this long before
-        claiming, so that messages arriving one by one are claimed, written and
-        recorded in batches (fewer write transactions competing with the
-        sessions' commits; a few ms of delivery latency).
+        """`gather`: after an idle wait ended by wake(), and after a claim that
+        found less than half a batch, wait this long before claiming, so that
+        messages arriving one by one are claimed, written and recorded in
+        batches (fewer write transactions competing with the sessions' commits;
+        a few ms of delivery latency; ClaimLoop._pace).
         `batch_sync`: commit each batch's files with syncfs (maildir.commit_batch)
         instead of an fsync per file and per new/ directory.
         `on_enqueued`: called after a record that enqueued DSNs."""
@@ -218,6 +219,7 @@ class LocalDelivery(ClaimLoop):
                 continue
             if claims:
                 self._start_batch(claims, executor)
+                await self._pace(claims, self._batch)
             else:
                 await self._idle()
 

@@ -112,7 +112,8 @@ class Scheduler(ClaimLoop):
         `lmtp`: the next hop is the final mailbox server (RCPT TO the mailbox;
         success reports say "delivered").
         `on_enqueued`: called when DSNs were enqueued (wakes the delivery loops).
-        `gather`: after a wake-up, wait this long before claiming (batches)."""
+        `gather`: after a wake-up, and after a claim that found less than half
+        its limit, wait this long before claiming (batches; ClaimLoop._pace)."""
         super().__init__(
             store, clock, transport=transport, owner=owner, lease_seconds=lease_seconds, gather=gather
         )
@@ -187,12 +188,14 @@ class Scheduler(ClaimLoop):
                 self._room.clear()
                 await self._room.wait()
                 continue
-            claims = await self._claim(min(self._batch, room))
+            limit = min(self._batch, room)
+            claims = await self._claim(limit)
             if claims is None:
                 continue
             if claims:
                 self._inflight += sum(len(c.recipients) for c in claims)
                 self._spawn(self._dispatch(claims))
+                await self._pace(claims, limit)
             else:
                 await self._idle()
 

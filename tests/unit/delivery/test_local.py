@@ -301,6 +301,34 @@ async def test_outcomes_are_recorded_one_commit_per_batch(tmp_path: Path) -> Non
     assert h.loop.stats.records == 3
 
 
+async def test_a_small_claim_lets_mail_gather_before_the_next(tmp_path: Path) -> None:
+    """ClaimLoop._pace: after a claim of less than half a batch, enqueues (and their
+    wakes) wait `gather` on the clock, then one claim takes them all."""
+    h = Harness(tmp_path, batch=10, gather=0.05)
+    await h.enqueue(h.message("Q1", "bob@example.test"), wake=False)
+    h.start()
+    await until(lambda: h.store.empty)  # claimed at once (no idle wait before the first claim)
+    await h.enqueue(*(h.message(f"Q{i}", "bob@example.test") for i in (2, 3, 4)))
+    await settle()
+    assert h.store.claim_calls == [1]  # pacing: the wake did not cut the gathering short
+    h.clock.advance(0.05)
+    await until(lambda: h.store.empty)
+    assert h.store.claim_calls == [1, 3]
+    await asyncio.wait_for(h.stop(), 1.0)  # pacing again (3 < 5): stop() still returns at once
+    assert len(h.files("bob@example.test")) == 4
+
+
+async def test_a_claim_of_half_a_batch_or_more_is_not_paced(tmp_path: Path) -> None:
+    h = Harness(tmp_path, batch=4, gather=0.05)
+    await h.enqueue(*(h.message(f"Q{i}", "bob@example.test") for i in range(6)), wake=False)
+    h.start()
+    await until(lambda: h.store.empty)
+    await settle()
+    # The clock never moved: 4, then 2 (half a batch: no pause), then the claim that finds none.
+    assert h.store.claim_calls == [4, 2, 0]
+    await h.stop()
+
+
 async def test_idles_on_the_clock_until_next_due_or_wake(h: Harness) -> None:
     await settle()  # idle: nothing queued, sleeping IDLE_CAP on the fake clock
     await h.enqueue(h.message("Q1", "bob@example.test"), wake=False)
