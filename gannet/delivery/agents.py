@@ -34,7 +34,8 @@ LMTP_OWNER = "lmtp"
 SMTP_OWNER = "smtp"
 SWEEP_OWNER = "sweep"
 OWNERS = (LOCAL_OWNER, LMTP_OWNER, SMTP_OWNER, SWEEP_OWNER)
-GATHER = 0.03  # after a wake-up or a small claim, collect this long before claiming (ClaimLoop._pace)
+GATHER = 0.01  # after a wake-up, collect this long before claiming (see LocalDelivery)
+PACE = 0.03  # after a claim of less than half a batch, the same (ClaimLoop._pace)
 LMTP_PORT = 24  # RFC 2033 §5 suggests no port; 24 is the IANA "any private mail system" one
 
 
@@ -144,6 +145,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
         bounces=bounces,
         on_enqueued=wake,
         gather=GATHER,
+        pace=PACE,
         lease_seconds=config.queue.lease,
     )
     local: LocalDelivery | Scheduler
@@ -160,6 +162,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
             lmtp=True,
             on_enqueued=wake,
             gather=GATHER,
+            pace=PACE,
             lease_seconds=config.queue.lease,
         )
     else:
@@ -170,6 +173,7 @@ def build_agents(config: Config, store: QueueStore, clock: Clock) -> Agents:
             clock=clock,
             owner=owner_name(config.queue, LOCAL_OWNER),
             gather=GATHER,
+            pace=PACE,
             batch_sync=config.delivery.maildir_sync == "batch",
             bounces=bounces,
             on_enqueued=wake,

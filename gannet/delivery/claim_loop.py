@@ -8,7 +8,7 @@
   IDLE_CAP), cut short by `wake()`; then, if woken, gather `gather` seconds
   so that mail arriving message by message is claimed in batches;
 - `_pace(claims, limit)`: after a claim that found less than half its limit,
-  gather `gather` seconds too (cut short only by `stop()`), so that under a
+  wait `pace` seconds (cut short only by `stop()`), so that under a
   steady stream the next claim takes a batch, not the one or two messages
   committed since the last (see the method);
 - `_leases` (leases.LeaseKeeper): what `_claim` leased is held and renewed
@@ -48,6 +48,7 @@ class ClaimLoop:
         owner: str,
         lease_seconds: float,
         gather: float,
+        pace: float = 0.0,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -56,6 +57,7 @@ class ClaimLoop:
         self._lease_seconds = lease_seconds
         self._leases = LeaseKeeper(store, clock, owner=owner, lease_seconds=lease_seconds)
         self._gather = gather
+        self._pace_seconds = pace
         self._wake = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._stopping = False
@@ -128,11 +130,11 @@ class ClaimLoop:
         message): 30 ms of gathering cut the worker's CPU per message by about
         a fifth and raised the accept rate by about a tenth, at the price of up
         to 30 ms of delivery latency under load."""
-        if self._gather <= 0 or self._stopping:
+        if self._pace_seconds <= 0 or self._stopping:
             return
         if 2 * sum(len(c.recipients) for c in claims) >= limit:
             return
-        sleeper = asyncio.ensure_future(self._clock.sleep(self._gather))
+        sleeper = asyncio.ensure_future(self._clock.sleep(self._pace_seconds))
         stopper = asyncio.ensure_future(self._stop_requested.wait())
         try:
             await asyncio.wait((sleeper, stopper), return_when=asyncio.FIRST_COMPLETED)

@@ -163,20 +163,23 @@ class LocalDelivery(ClaimLoop):
         max_batches: int = 3,
         bounces: Bounces | None = None,
         gather: float = 0.0,
+        pace: float = 0.0,
         batch_sync: bool = False,
         on_enqueued: Callable[[], None] = lambda: None,
     ) -> None:
-        """`gather`: after an idle wait ended by wake(), and after a claim that
-        found less than half a batch, wait this long before claiming, so that
-        messages arriving one by one are claimed, written and recorded in
-        batches (fewer write transactions competing with the sessions' commits;
-        a few ms of delivery latency; ClaimLoop._pace).
+        """`gather`: after an idle wait ended by wake(), wait this long before
+        claiming, so that messages arriving one by one are claimed, written and
+        recorded in batches (fewer write transactions competing with the
+        sessions' commits; a few ms of delivery latency).
+        `pace`: the same after a claim that found less than half a batch
+        (ClaimLoop._pace).
         `batch_sync`: commit each batch's files with syncfs (maildir.commit_batch)
         instead of an fsync per file and per new/ directory.
         `on_enqueued`: called after a record that enqueued DSNs."""
         super().__init__(
-            store, clock, transport=Transport.LOCAL, owner=owner, lease_seconds=lease_seconds, gather=gather
-        )
+            store, clock, transport=Transport.LOCAL, owner=owner, lease_seconds=lease_seconds,
+            gather=gather, pace=pace,
+        )  # fmt: skip
         self._template = maildir_template
         self._delivery = delivery
         self._executor = executor

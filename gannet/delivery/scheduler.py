@@ -107,16 +107,19 @@ class Scheduler(ClaimLoop):
         lease_seconds: float = DEFAULT_LEASE,
         on_enqueued: Callable[[], None] = lambda: None,
         gather: float = 0.0,
+        pace: float = 0.0,
     ) -> None:
         """`options(route, domain)`: the OutboundOptions for a destination.
         `lmtp`: the next hop is the final mailbox server (RCPT TO the mailbox;
         success reports say "delivered").
         `on_enqueued`: called when DSNs were enqueued (wakes the delivery loops).
-        `gather`: after a wake-up, and after a claim that found less than half
-        its limit, wait this long before claiming (batches; ClaimLoop._pace)."""
+        `gather`: after a wake-up, wait this long before claiming (batches).
+        `pace`: the same after a claim that found less than half its limit
+        (ClaimLoop._pace)."""
         super().__init__(
-            store, clock, transport=transport, owner=owner, lease_seconds=lease_seconds, gather=gather
-        )
+            store, clock, transport=transport, owner=owner, lease_seconds=lease_seconds,
+            gather=gather, pace=pace,
+        )  # fmt: skip
         self._router = router
         self._options = options
         self._delivery = delivery

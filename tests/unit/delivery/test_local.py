@@ -303,8 +303,8 @@ async def test_outcomes_are_recorded_one_commit_per_batch(tmp_path: Path) -> Non
 
 async def test_a_small_claim_lets_mail_gather_before_the_next(tmp_path: Path) -> None:
     """ClaimLoop._pace: after a claim of less than half a batch, enqueues (and their
-    wakes) wait `gather` on the clock, then one claim takes them all."""
-    h = Harness(tmp_path, batch=10, gather=0.05)
+    wakes) wait `pace` on the clock, then one claim takes them all."""
+    h = Harness(tmp_path, batch=10, pace=0.05)
     await h.enqueue(h.message("Q1", "bob@example.test"), wake=False)
     h.start()
     await until(lambda: h.store.empty)  # claimed at once (no idle wait before the first claim)
@@ -319,7 +319,7 @@ async def test_a_small_claim_lets_mail_gather_before_the_next(tmp_path: Path) ->
 
 
 async def test_a_claim_of_half_a_batch_or_more_is_not_paced(tmp_path: Path) -> None:
-    h = Harness(tmp_path, batch=4, gather=0.05)
+    h = Harness(tmp_path, batch=4, pace=0.05)
     await h.enqueue(*(h.message(f"Q{i}", "bob@example.test") for i in range(6)), wake=False)
     h.start()
     await until(lambda: h.store.empty)
