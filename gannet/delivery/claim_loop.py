@@ -127,20 +127,16 @@ class ClaimLoop:
         transaction and, for Maildirs, a syncfs pair; claiming whatever one or
         two messages were committed since the last claim spends them per
         message. Measured with bench/accept.py (10 sessions, a connection per
-        message): 30 ms of gathering cut the worker's CPU per message by about
-        a fifth and raised the accept rate by about a tenth, at the price of up
-        to 30 ms of delivery latency under load."""
+        message, two runs each way): 30 ms of gathering cut the worker's CPU
+        per message by a fifth (0.86-0.91 → 0.69-0.70 ms) and raised the
+        accept rate by 12-17 % (fewer turns of the write lock the sessions
+        commit under), at the price of up to 30 ms of delivery latency under
+        load."""
         if self._pace_seconds <= 0 or self._stopping:
             return
         if 2 * sum(len(c.recipients) for c in claims) >= limit:
             return
-        sleeper = asyncio.ensure_future(self._clock.sleep(self._pace_seconds))
-        stopper = asyncio.ensure_future(self._stop_requested.wait())
-        try:
-            await asyncio.wait((sleeper, stopper), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            stopper.cancel()
+        await self._sleep_unless(self._stop_requested, self._pace_seconds)
 
     async def _next_due(self) -> float | None:
         try:
@@ -150,12 +146,16 @@ class ClaimLoop:
             return None
 
     async def _sleep_or_wake(self, delay: float) -> None:
-        if delay <= 0 or self._wake.is_set():
+        await self._sleep_unless(self._wake, delay)
+
+    async def _sleep_unless(self, event: asyncio.Event, delay: float) -> None:
+        """Sleep `delay` seconds on the clock, or until `event` is set."""
+        if delay <= 0 or event.is_set():
             return
         sleeper = asyncio.ensure_future(self._clock.sleep(delay))
-        waker = asyncio.ensure_future(self._wake.wait())
+        waiter = asyncio.ensure_future(event.wait())
         try:
-            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((sleeper, waiter), return_when=asyncio.FIRST_COMPLETED)
         finally:
             sleeper.cancel()
-            waker.cancel()
+            waiter.cancel()
