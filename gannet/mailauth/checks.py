@@ -56,7 +56,7 @@ from gannet.mailauth import arc_verify, authres, dkim_verify, dmarc
 from gannet.mailauth import spf as spf_mod
 from gannet.mailauth.authres import ResInfo
 from gannet.mailauth.dns_bridge import TxtAnswer, spf_dns, txt_records
-from gannet.message.rewrite import header_fields, read_all, read_head, split_head
+from gannet.message.rewrite import FieldFilter, header_fields, read_all, read_head, split_head
 from gannet.queue.model import Body
 from gannet.smtp.replies import Reply
 
@@ -68,6 +68,7 @@ SPF_CACHE_SECONDS = 30.0  # a result is reused this long for the same address, M
 SPF_CACHE_ENTRIES = 10_000
 MAX_FROM_DOMAINS = 5
 QUARANTINE_FIELD = b"X-Gannet-Quarantine: dmarc\r\n"
+_FORGEABLE = frozenset({b"authentication-results", b"x-gannet-quarantine"})
 
 
 @dataclass(slots=True)
@@ -80,8 +81,12 @@ class Verdict:
     summary: str = ""  # "spf=pass dkim=pass dmarc=pass arc=none" for the log and the queue's history
     reasons: list[str] = field(default_factory=list)
 
-    def drop(self, raw_field: bytes) -> bool:
+    @property
+    def drop(self) -> FieldFilter:
         """The filter for `message.rewrite`: forged results claiming our name, and quarantine marks."""
+        return FieldFilter(_FORGEABLE, self._forged)
+
+    def _forged(self, raw_field: bytes) -> bool:
         return authres.is_ours(raw_field, self.hostname) or raw_field[:20].lower() == b"x-gannet-quarantine:"
 
 

@@ -1,11 +1,13 @@
 """DKIM verification (RFC 6376, RFC 8463): every DKIM-Signature of a message, one result each.
 
-dkimpy parses and validates the signature tags, canonicalizes (relaxed and
-simple), honours l=, selects and hashes the header fields; the public-key
-operation is OpenSSL's (`cryptography`), on keys parsed once and cached
-(`_OpenSslDkim`: dkimpy alone parses the key record and computes RSA with
-Python integers for every signature). Verification is split in two, so that
-no DNS happens inside dkimpy:
+dkimpy's verification, taken apart so that each step is done once and no DNS
+happens inside it: the signature tags are read and checked by `dkim_tags`
+(dkimpy's rules, at a fraction of the cost); the canonicalization (relaxed and
+simple, l=) is dkimpy's or byte-for-byte the same; the header fields are
+selected as RFC 6376 §5.4.2 says; the public-key operation is OpenSSL's
+(`cryptography`), on keys parsed once and cached (dkimpy alone parses the key
+record and computes RSA with Python integers for every signature). In two
+steps:
 
 1. `parse_head(header_section)` (cheap, on the loop) splits the header
    section once and reads the signatures' tags; its `key_names()` are the key
@@ -57,17 +59,12 @@ from dkim.canonicalization import (
     unfold_header_value,
 )
 from dkim.crypto import HASH_ALGORITHMS
-from dkim.util import InvalidTagValueList, parse_tag_value
 
+from gannet.mailauth.dkim_tags import InvalidTagValueList, check_signature, parse_tags
 from gannet.mailauth.dns_bridge import TxtAnswer
 from gannet.message.rewrite import header_fields
 
 log = logging.getLogger("gannet.mailauth")
-
-# dkimpy logs every failure at ERROR on its own logger: keep those out of Gannet's log.
-_quiet = logging.getLogger("gannet.mailauth.dkimpy")
-_quiet.addHandler(logging.NullHandler())
-_quiet.propagate = False
 
 MIN_KEY_BITS = 1024  # RFC 8301 §3.2
 EXPIRY_SLOP = 300  # seconds of clock difference forgiven on x= (RFC 6376 §3.5 lets verifiers choose)
@@ -96,7 +93,7 @@ def _signatures(headers: Sequence[Sequence[bytes]]) -> list[_Sig | str]:
     out: list[_Sig | str] = []
     for i, (_name, value) in enumerate(h for h in headers if h[0].lower() == b"dkim-signature"):
         try:
-            out.append(_Sig(i, parse_tag_value(value)))
+            out.append(_Sig(i, parse_tags(value)))
         except (InvalidTagValueList, ValueError) as exc:
             out.append(f"unparseable signature: {exc}")
     return out
@@ -145,7 +142,7 @@ def parse_head(section: bytes, fields: list[bytes] | None = None) -> ParsedHead:
             name, colon, value = f.partition(b":")
             if colon and name.strip().lower() == b"dkim-signature":
                 try:
-                    sigs.append(_Sig(len(sigs), parse_tag_value(value)))
+                    sigs.append(_Sig(len(sigs), parse_tags(value)))
                 except (InvalidTagValueList, ValueError) as exc:
                     sigs.append(f"unparseable signature: {exc}")
         return ParsedHead(section, None, sigs)
@@ -171,7 +168,7 @@ def key_names(head: bytes, field_name: bytes = b"dkim-signature") -> list[str]:
         if not colon or name.strip().lower() != field_name:
             continue
         try:
-            names.append(key_name(parse_tag_value(value)))
+            names.append(key_name(parse_tags(value)))
         except (InvalidTagValueList, ValueError):
             continue
         if len(names) >= MAX_SIGNATURES:
@@ -210,7 +207,7 @@ class PublicKey:
 def public_key(record: bytes) -> PublicKey:
     """Parse a key record once (cached: the same few keys sign most mail) into an OpenSSL key."""
     try:
-        tags = parse_tag_value(record)
+        tags = parse_tags(record)
     except (InvalidTagValueList, ValueError) as exc:
         raise KeyRecordError(f"bad syntax: {exc}") from None
     if tags.get(b"v", b"DKIM1") != b"DKIM1":
@@ -287,75 +284,95 @@ def _relaxed_headers(headers: Iterable[Sequence[bytes]]) -> list[tuple[bytes, by
     return out
 
 
-class _OpenSslDkim(dkim.DKIM):  # type: ignore[misc]
-    """dkimpy's DKIM with the signature check done by OpenSSL (`cryptography`) on a cached key.
+@dataclass(frozen=True, slots=True)
+class _Message:
+    """A message split for verification: header fields as [name, value] pairs, and the body."""
 
-    dkimpy parses the key record and computes RSA in pure Python on every
-    signature (over half of a check's CPU in our profile). `verify_with`
-    mirrors dkimpy 1.1's `verify_headerprep` and `verify_sig_process` over the
-    tags `parse_head` already read: dkimpy still validates the tags
-    (`validate_signature_fields`) and selects the header fields; the
-    canonicalization is dkimpy's or byte-for-byte the same (`_relaxed_headers`,
-    `_canonical_body`); only the public-key operation is OpenSSL's.
-    """
+    headers: list[list[bytes]]
+    names: list[bytes]  # each field's name, lowercased
+    body: bytes
 
-    def __init__(self, message: bytes, *, head: ParsedHead | None = None, **kwargs: Any) -> None:
-        self._given = head
-        super().__init__(message, **kwargs)
 
-    def set_message(self, message: bytes) -> None:
-        """dkimpy splits the whole message into lines with a regular expression; for a CRLF
-        message (all Gannet receives) only the header section needs parsing, and when the
-        caller parsed it already (`head`), not even that."""
-        if not message or message.count(b"\n") != message.count(b"\r\n"):
-            super().set_message(message)
-            return
-        super().set_message(b"")
-        if message.startswith(b"\r\n"):
-            self.headers, self.body = [], message[2:]
-            return
+def _split(message: bytes, head: ParsedHead | None) -> _Message:
+    """dkimpy's `rfc822_parse`, for a CRLF message (all Gannet receives) only over the header
+    section (it splits the whole message into lines with a regular expression), and not even
+    that when the caller parsed it already (`head`). dkim.MessageFormatError if it cannot."""
+    if message.count(b"\n") != message.count(b"\r\n"):
+        headers, body = dkim.rfc822_parse(message)
+    elif message.startswith(b"\r\n"):
+        headers, body = [], message[2:]
+    else:
         end = message.find(b"\r\n\r\n")
-        head, self.body = (message, b"") if end < 0 else (message[: end + 2], message[end + 4 :])
-        given = self._given
-        if given is not None and given.headers is not None and given.section == head:
-            self.headers = given.headers
+        section, body = (message, b"") if end < 0 else (message[: end + 2], message[end + 4 :])
+        if head is not None and head.headers is not None and head.section == section:
+            headers = head.headers
         else:
-            self.headers = dkim.rfc822_parse(head)[0]
+            headers = dkim.rfc822_parse(section)[0]
+    return _Message(headers, [h[0].lower() for h in headers], body)
 
-    def verify_with(self, idx: int, key: PublicKey, sig: dict[bytes, bytes]) -> bool:
-        """Signature `idx` (its parsed tags `sig`) against `key`; ValidationError for a tag
-        dkimpy rejects or a body hash mismatch."""
-        sigheaders = [h for h in self.headers if h[0].lower() == b"dkim-signature"]
-        dkim.validate_signature_fields(sig)
-        include_headers = [x.strip().lower() for x in sig[b"h"].split(b":")]  # dkimpy: re.split \s*:\s*
-        policy = _policy(sig.get(b"c", b"simple/simple"))
-        hasher = HASH_ALGORITHMS[sig[b"a"]]
-        body = _canonical_body(policy, self.body)
-        if b"l" in sig:
-            body = body[: int(sig[b"l"])]
-        if _digest(hasher, body) != base64.b64decode(b"".join(sig[b"bh"].split())):
-            raise dkim.ValidationError("body hash mismatch")
-        if b"from" in include_headers:  # dkimpy's guard against a second From (bug 644046)
-            include_headers.append(b"from")
-        canonicalize = _relaxed_headers if policy.header_algorithm is Relaxed else policy.canonicalize_headers
-        wanted = set(include_headers)  # canonicalize only the fields that are hashed (dkimpy does all)
-        signed = canonicalize([f for f in self.headers if f[0].lower() in wanted])
-        # dkim.hash_headers: the selected fields, then the signature field with b= emptied, no CRLF
-        name, value = sigheaders[idx]
-        h = hasher()
-        for x, y in dkim.select_headers(signed, include_headers):
-            h.update(x + b":" + y)
-        for x, y in canonicalize([(name, B_TAG.sub(b"\\1", value))]):
-            h.update(x + b":" + y.rstrip())
-        signature = base64.b64decode(b"".join(sig[b"b"].split()))
-        try:
-            if isinstance(key.key, rsa.RSAPublicKey):
-                key.key.verify(signature, h.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
-            else:
-                key.key.verify(signature, h.digest())  # RFC 8463 §3: Ed25519 over the SHA-256 hash
-        except InvalidSignature:
-            return False
-        return True
+
+Field = tuple[bytes, bytes]
+
+
+def _select(fields: list[Field], names: list[bytes], wanted: list[bytes]) -> list[Field]:
+    """The fields to hash, in h= order (`wanted`; `names`: each field's lowercased name). RFC 6376
+    §5.4.2: a name listed n times means its last n instances, bottom up; a name listed more often
+    than it occurs (oversigning) selects nothing more."""
+    instances: dict[bytes, list[int]] = {}
+    for i, name in enumerate(names):
+        instances.setdefault(name, []).append(i)
+    selected = []
+    for name in wanted:
+        found = instances.get(name)
+        if found:
+            selected.append(fields[found.pop()])
+    return selected
+
+
+def _verify_signature(
+    message: _Message, idx: int, key: PublicKey, sig: Mapping[bytes, bytes], now: float
+) -> bool:
+    """Signature `idx` (its parsed tags `sig`) against `key`; ValidationError for an unusable tag
+    or a body hash mismatch.
+
+    dkimpy 1.1's `verify_headerprep` and `verify_sig_process`, over tags `parse_head` already
+    read, with the public-key operation done by OpenSSL (`cryptography`) on a cached key: dkimpy
+    parses the key record and computes RSA in pure Python for every signature (over half of a
+    check's CPU in our profile). The canonicalization is dkimpy's or byte-for-byte the same
+    (`_relaxed_headers`, `_canonical_body`).
+    """
+    check_signature(sig, now)
+    include_headers = [x.strip().lower() for x in sig[b"h"].split(b":")]  # dkimpy: re.split \s*:\s*
+    policy = _policy(sig.get(b"c", b"simple/simple"))
+    hasher = HASH_ALGORITHMS[sig[b"a"]]
+    body = _canonical_body(policy, message.body)
+    if b"l" in sig:
+        body = body[: int(sig[b"l"])]
+    if _digest(hasher, body) != base64.b64decode(b"".join(sig[b"bh"].split())):
+        raise dkim.ValidationError("body hash mismatch")
+    if b"from" in include_headers:  # dkimpy's guard against a second From (bug 644046)
+        include_headers.append(b"from")
+    canonicalize = _relaxed_headers if policy.header_algorithm is Relaxed else policy.canonicalize_headers
+    wanted = set(include_headers)  # canonicalize only the fields that are hashed (dkimpy does all)
+    picked = [i for i, name in enumerate(message.names) if name in wanted]
+    signed = canonicalize([message.headers[i] for i in picked])
+    # dkim.hash_headers: the selected fields, then the signature field with b= emptied, no CRLF
+    signatures = [h for h, n in zip(message.headers, message.names, strict=True) if n == b"dkim-signature"]
+    name, value = signatures[idx]
+    h = hasher()
+    for x, y in _select(signed, [message.names[i] for i in picked], include_headers):
+        h.update(x + b":" + y)
+    for x, y in canonicalize([(name, B_TAG.sub(b"\\1", value))]):
+        h.update(x + b":" + y.rstrip())
+    signature = base64.b64decode(b"".join(sig[b"b"].split()))
+    try:
+        if isinstance(key.key, rsa.RSAPublicKey):
+            key.key.verify(signature, h.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        else:
+            key.key.verify(signature, h.digest())  # RFC 8463 §3: Ed25519 over the SHA-256 hash
+    except InvalidSignature:
+        return False
+    return True
 
 
 def verify(
@@ -365,13 +382,13 @@ def verify(
     `head`: the message's header section as `parse_head` read it, so it is not parsed again."""
     now = time.time() if now is None else now
     try:
-        verifier = _OpenSslDkim(message, head=head, logger=_quiet, minkey=MIN_KEY_BITS)
+        split = _split(message, head)
     except dkim.DKIMException as exc:
         return [DkimOutcome("permerror", reason=f"message cannot be parsed: {exc}")]
-    if head is not None and verifier.headers is head.headers:
+    if head is not None and split.headers is head.headers:
         signatures = head.signatures
     else:
-        signatures = _signatures(verifier.headers)
+        signatures = _signatures(split.headers)
     results: list[DkimOutcome] = []
     for n, sig in enumerate(signatures):
         if isinstance(sig, str):
@@ -379,11 +396,11 @@ def verify(
         elif n >= MAX_SIGNATURES:
             results.append(_outcome(sig.tags, "neutral", f"more than {MAX_SIGNATURES} signatures"))
         else:
-            results.append(_verify_one(verifier, sig, keys, now))
+            results.append(_verify_one(split, sig, keys, now))
     return results
 
 
-def _verify_one(verifier: _OpenSslDkim, sig: _Sig, keys: Mapping[str, TxtAnswer], now: float) -> DkimOutcome:
+def _verify_one(message: _Message, sig: _Sig, keys: Mapping[str, TxtAnswer], now: float) -> DkimOutcome:
     tags = sig.tags
     expires = tags.get(b"x", b"").strip()
     if expires.isdigit() and int(expires) < now - EXPIRY_SLOP:  # dkimpy alone allows 10 hours
@@ -407,7 +424,7 @@ def _verify_one(verifier: _OpenSslDkim, sig: _Sig, keys: Mapping[str, TxtAnswer]
     if key.algorithm != tags.get(b"a", b"").strip().lower().partition(b"-")[0].decode("ascii", "replace"):
         return _outcome(tags, "permerror", f"the key at {name} is not for {_text(tags, b'a')}")
     try:
-        ok = verifier.verify_with(sig.index, key, sig.tags)
+        ok = _verify_signature(message, sig.index, key, sig.tags, now)
     except dkim.ValidationError as exc:
         text = str(exc)
         if "body hash mismatch" in text:

@@ -21,7 +21,6 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-import dkim.util
 import dns.reversename
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -30,6 +29,7 @@ from publicsuffixlist import PublicSuffixList
 from gannet.config import ConfigError, DkimKey
 from gannet.delivery.dns import DnsError, MxRecord, Resolver
 from gannet.mailauth import doctor_spf
+from gannet.mailauth.dkim_tags import InvalidTagValueList, parse_tags
 from gannet.mailauth.keys import SigningKey, load_key, zone_line
 
 
@@ -327,8 +327,8 @@ async def check_dkim(resolver: Resolver, entry: DkimKey, config_file: str, index
             publish,
         )  # fmt: skip
     try:
-        tags = {k.decode(): v.decode() for k, v in dkim.util.parse_tag_value(texts[0].encode()).items()}
-    except (dkim.util.InvalidTagValueList, UnicodeError) as exc:
+        tags = {k.decode(): v.decode() for k, v in parse_tags(texts[0].encode()).items()}
+    except (InvalidTagValueList, UnicodeError) as exc:
         return Check(
             "dkim", entry.selector, Status.FAIL, f"The record at {name} cannot be parsed ({exc}).", publish
         )
@@ -418,9 +418,9 @@ async def check_dmarc(resolver: Resolver, domain: str) -> Check:
             publish,
         )  # fmt: skip
     try:
-        tags = {k.decode(): v.decode() for k, v in dkim.util.parse_tag_value(records[0].encode()).items()}
+        tags = {k.decode(): v.decode() for k, v in parse_tags(records[0].encode()).items()}
         problems = dmarc_problems(tags)
-    except (dkim.util.InvalidTagValueList, UnicodeError) as exc:
+    except (InvalidTagValueList, UnicodeError) as exc:
         tags, problems = {}, [f"it cannot be parsed ({exc})"]
     if problems:
         return Check(

@@ -51,7 +51,7 @@ from gannet.mailauth.signing import Signer
 from gannet.mailauth.spf import SpfOutcome
 from gannet.message.rewrite import (
     COPY_CHUNK,
-    DropField,
+    FieldFilter,
     header_end,
     read_all,
     read_head,
@@ -106,14 +106,10 @@ async def process(
     elif spf_task is not None:
         spf_task.cancel()
     prepend = verdict.prepend if verdict is not None else b""
-    drop: DropField | None = verdict.drop if verdict is not None else None
+    drop: FieldFilter | None = verdict.drop if verdict is not None else None
     if drop is None and facts.strip_forged:
         hostname = facts.hostname
-
-        def drop_forged(field: bytes) -> bool:
-            return authres.is_ours(field, hostname)
-
-        drop = drop_forged
+        drop = FieldFilter(frozenset({b"authentication-results"}), lambda f: authres.is_ours(f, hostname))
     if signer is not None and (facts.sign or (facts.forwarded and verdict is not None)):
         prepend = await _signatures(facts, body, prepend, drop, signer, verdict) + prepend
     body, dropped = await rewrite(body, prepend, drop)
@@ -127,7 +123,7 @@ async def _signatures(
     facts: MessageFacts,
     body: Body,
     prepend: bytes,
-    drop: DropField | None,
+    drop: FieldFilter | None,
     signer: Signer,
     verdict: Verdict | None,
 ) -> bytes:
@@ -151,7 +147,7 @@ async def _signatures(
 
 
 async def _sign_streamed(
-    facts: MessageFacts, body: Body, prepend: bytes, drop: DropField | None, signer: Signer
+    facts: MessageFacts, body: Body, prepend: bytes, drop: FieldFilter | None, signer: Signer
 ) -> bytes:
     """Sign a message too large to load: its header section as it will be queued, its body
     hashed from the spool in chunks."""

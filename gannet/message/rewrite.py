@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from gannet.queue.model import Body, InlineBody, SpooledBody
@@ -36,8 +37,24 @@ from gannet.queue.model import Body, InlineBody, SpooledBody
 MAX_HEADER_SECTION = 1024 * 1024
 COPY_CHUNK = 1024 * 1024
 
-# A filter gets one raw header field (b"Name: value\r\n\tcontinued\r\n") and says whether to drop it.
-DropField = Callable[[bytes], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldFilter:
+    """Which header fields to drop: those named in `names` (lowercase) for which `drop`, given the
+    raw field (b"Name: value\r\n\tcontinued\r\n"), says True. The names let a header section
+    that mentions none of them pass without being split into fields at all (the usual case:
+    nothing is forged)."""
+
+    names: frozenset[bytes]
+    drop: Callable[[bytes], bool]
+
+    def may_drop(self, head: bytes) -> bool:
+        lowered = head.lower()
+        return any(name in lowered for name in self.names)
+
+    def __call__(self, field: bytes) -> bool:
+        return field.partition(b":")[0].strip().lower() in self.names and self.drop(field)
 
 
 def header_end(data: bytes) -> int:
@@ -75,9 +92,9 @@ def split_head(data: bytes) -> tuple[bytes, bytes]:
     return data[: end - 2], data[end - 2 :]
 
 
-def filter_head(head: bytes, drop: DropField | None) -> tuple[bytes, int]:
+def filter_head(head: bytes, drop: FieldFilter | None) -> tuple[bytes, int]:
     """The header section without the fields `drop` rejects, and how many were dropped."""
-    if drop is None:
+    if drop is None or not drop.may_drop(head):
         return head, 0
     kept = []
     dropped = 0
@@ -89,19 +106,21 @@ def filter_head(head: bytes, drop: DropField | None) -> tuple[bytes, int]:
     return (b"".join(kept), dropped) if dropped else (head, 0)
 
 
-def rewrite_bytes(data: bytes, prepend: bytes, drop: DropField | None = None) -> tuple[bytes, int]:
+def rewrite_bytes(data: bytes, prepend: bytes, drop: FieldFilter | None = None) -> tuple[bytes, int]:
     head, rest = split_head(data)
     head, dropped = filter_head(head, drop)
+    if not prepend and not dropped:
+        return data, 0
     return prepend + head + rest, dropped
 
 
-async def rewrite(body: Body, prepend: bytes, drop: DropField | None = None) -> tuple[Body, int]:
+async def rewrite(body: Body, prepend: bytes, drop: FieldFilter | None = None) -> tuple[Body, int]:
     """`body` with `prepend` on top and the fields `drop` rejects removed: (new body, fields dropped)."""
     if not prepend and drop is None:
         return body, 0
     if isinstance(body, InlineBody):
         data, dropped = rewrite_bytes(body.data, prepend, drop)
-        return InlineBody(data), dropped
+        return (body if data is body.data else InlineBody(data)), dropped
     loop = asyncio.get_running_loop()
     size, dropped = await loop.run_in_executor(None, _rewrite_file, body.path, prepend, drop)
     return SpooledBody(body.path, size), dropped
@@ -126,7 +145,7 @@ def _read_start(path: Path, limit: int) -> bytes:
         return f.read(limit)
 
 
-def _rewrite_file(path: Path, prepend: bytes, drop: DropField | None) -> tuple[int, int]:
+def _rewrite_file(path: Path, prepend: bytes, drop: FieldFilter | None) -> tuple[int, int]:
     tmp = path.with_name(path.name + ".rw")
     try:
         with open(path, "rb") as src:

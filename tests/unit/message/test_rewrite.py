@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gannet.message.rewrite import header_fields, rewrite, rewrite_bytes, split_head
+from gannet.message.rewrite import FieldFilter, header_fields, rewrite, rewrite_bytes, split_head
 from gannet.queue.model import InlineBody, SpooledBody
 
 HEAD = (
@@ -19,8 +19,7 @@ HEAD = (
 MESSAGE = HEAD + b"\r\nbody line\r\nX-Drop: not a header, in the body\r\n"
 
 
-def drop_x(field: bytes) -> bool:
-    return field.lower().startswith(b"x-drop:")
+drop_x = FieldFilter(frozenset({b"x-drop"}), lambda field: field.endswith(b"yes\r\n"))
 
 
 def test_header_fields_keep_folding() -> None:
@@ -92,5 +91,35 @@ async def test_spooled_body_failure_keeps_the_old_file(tmp_path: Path) -> None:
         raise OSError("disk on fire")
 
     with pytest.raises(OSError):
-        await rewrite(SpooledBody(path, len(MESSAGE)), b"New: 1\r\n", explode)
+        await rewrite(
+            SpooledBody(path, len(MESSAGE)), b"New: 1\r\n", FieldFilter(frozenset({b"x-drop"}), explode)
+        )
     assert path.read_bytes() == MESSAGE and os.listdir(tmp_path) == ["Q3"]
+
+
+def test_a_filter_looks_only_at_the_fields_it_names() -> None:
+    """The predicate sees only fields with one of the filter's names; a header section that does
+    not mention them is returned as it is, without being split (and the message not copied)."""
+    seen: list[bytes] = []
+
+    def record(field: bytes) -> bool:
+        seen.append(field)
+        return True
+
+    out, dropped = rewrite_bytes(MESSAGE, b"", FieldFilter(frozenset({b"subject"}), record))
+    assert (
+        dropped == 1
+        and seen == [b"Subject: hello\r\n  folded\r\n"]
+        and b"Subject" not in out.split(b"\r\n\r\n")[0]
+    )
+    seen.clear()
+    out, dropped = rewrite_bytes(MESSAGE, b"", FieldFilter(frozenset({b"x-missing"}), record))
+    assert dropped == 0 and not seen and out is MESSAGE
+
+
+def test_a_name_is_matched_whatever_its_case_and_spacing() -> None:
+    message = b"AUTHENTICATION-RESULTS : x; none\r\nSubject: s\r\n\r\nbody\r\n"
+    out, dropped = rewrite_bytes(
+        message, b"", FieldFilter(frozenset({b"authentication-results"}), lambda f: True)
+    )
+    assert dropped == 1 and out == b"Subject: s\r\n\r\nbody\r\n"
