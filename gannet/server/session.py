@@ -19,7 +19,6 @@ not acknowledged is simply not queued.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import ipaddress
 import logging
@@ -366,7 +365,7 @@ class Session:
                 self._end_transaction()
                 return [auth.reject] * n_replies
             body = auth.body
-            message = dataclasses.replace(self._new_message(txn, body), events=auth.events)
+            message = self._new_message(txn, body, auth.events)
             await self.services.store.enqueue(message)
         except (QueueError, OSError) as exc:
             log.error("%s: could not queue the message from %s: %s", txn.queue_id, self.client, exc)
@@ -409,7 +408,7 @@ class Session:
             max_size=self.config.mailauth.max_verify_size,
         )
 
-    def _new_message(self, txn: Transaction, body: Body) -> NewMessage:
+    def _new_message(self, txn: Transaction, body: Body, events: tuple[tuple[str, str], ...]) -> NewMessage:
         recipients = []
         seen: set[tuple[str, str]] = set()
         for rcpt, destinations in txn.recipients:
@@ -443,6 +442,7 @@ class Session:
             client=f"{self.conn.helo_name or ''} {self.client}".strip(),
             auth_user=self.conn.authenticated or "",
             message_id=txn.message_id,
+            events=events,
         )
 
     async def on_credentials(self, event: ev.Credentials) -> Reply:
