@@ -38,11 +38,10 @@ MAX_HEADER_SECTION = 1024 * 1024
 COPY_CHUNK = 1024 * 1024
 
 
-
 @dataclass(frozen=True, slots=True)
 class FieldFilter:
     """Which header fields to drop: those named in `names` (lowercase) for which `drop`, given the
-    raw field (b"Name: value\r\n\tcontinued\r\n"), says True. The names let a header section
+    raw field (b"Name: value\\r\\n\\tcontinued\\r\\n"), says True. The names let a header section
     that mentions none of them pass without being split into fields at all (the usual case:
     nothing is forged)."""
 
