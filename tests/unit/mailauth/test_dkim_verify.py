@@ -22,6 +22,7 @@ from gannet.mailauth.dkim_verify import (
     B_TAG,
     _canonical_body,
     _relaxed_headers,
+    _select,
     key_names,
     parse_head,
     verify,
@@ -294,6 +295,18 @@ _WSP_AND_TEXT = st.lists(
 @given(st.lists(st.tuples(st.sampled_from([b"Subject", b"FROM", b"to ", b"X-A"]), _WSP_AND_TEXT), max_size=5))
 def test_fast_relaxed_headers_are_dkimpys(headers: list[tuple[bytes, bytes]]) -> None:
     assert _relaxed_headers(headers) == Relaxed.canonicalize_headers(headers)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"from", b"to", b"subject"]), max_size=6),
+    st.lists(st.sampled_from([b"from", b"to", b"subject", b"date"]), max_size=8),
+)
+def test_field_selection_is_dkimpys(names: list[bytes], wanted: list[bytes]) -> None:
+    """RFC 6376 §5.4.2: repeated names take instances bottom up; names listed more often than
+    they occur (oversigning) select nothing more."""
+    fields = [(name, str(i).encode()) for i, name in enumerate(names)]
+    assert _select(fields, names, wanted) == dkim.select_headers(fields, wanted)
 
 
 _B_VALUE = st.lists(
