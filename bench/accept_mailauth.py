@@ -70,6 +70,18 @@ def _message_file(path: Path, pem: bytes, size: int) -> None:
     path.write_bytes(signed.replace(b"\r\n", b"\n"))
 
 
+def sender_world(message: Path, size: int) -> peers.DnsRecords:
+    """Write the signed message (`size` body bytes) to `message`; return the DNS records that
+    make it pass: SPF for 127.0.0.0/8, the DKIM key, DMARC p=reject (also bench/checks.py's)."""
+    pem, record = _key()
+    _message_file(message, pem, size)
+    return {
+        "client.test": {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"], "A": ["127.0.0.1"]},
+        "_dmarc.client.test": {"TXT": ["v=DMARC1; p=reject"]},
+        "s1._domainkey.client.test": {"TXT": [record]},
+    }
+
+
 def _gannet(work: Path, dns: peers.DnsServer, checks: bool) -> peers.GannetProcess:
     doc: dict[str, Any] = tomllib.loads(
         _common.gannet_config(work / "gannet", relay={"trusted_networks": ["127.0.0.99/32"]})
@@ -165,15 +177,9 @@ def main(
 ) -> int:
     _common.require("smtp-source", "dnsmasq")
     peers.raise_nofile(4096)
-    pem, record = _key()
     work = _common.workdir("mailauth-dns")
     message = work / "message.eml"
-    _message_file(message, pem, size)
-    records: peers.DnsRecords = {
-        "client.test": {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"], "A": ["127.0.0.1"]},
-        "_dmarc.client.test": {"TXT": ["v=DMARC1; p=reject"]},
-        "s1._domainkey.client.test": {"TXT": [record]},
-    }
+    records = sender_world(message, size)
     rows = []
     with peers.DnsServer(work / "dns", records=records, ttl=300) as dns:
         for n in sessions:

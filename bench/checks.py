@@ -76,16 +76,10 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="then a cProfile listing (slower rounds)")
     args = parser.parse_args()
     _common.require("dnsmasq")
-    pem, record = accept_mailauth._key()
     work = _common.workdir("checks")
     message = work / "message.eml"
-    accept_mailauth._message_file(message, pem, args.size)
+    records = accept_mailauth.sender_world(message, args.size)
     body = InlineBody(RECEIVED + message.read_bytes().replace(b"\n", b"\r\n"))
-    records: peers.DnsRecords = {
-        "client.test": {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"], "A": ["127.0.0.1"]},
-        "_dmarc.client.test": {"TXT": ["v=DMARC1; p=reject"]},
-        "s1._domainkey.client.test": {"TXT": [record]},
-    }
     try:
         with peers.DnsServer(work / "dns", records=records, ttl=300) as dns:
             asyncio.run(_measure(dns.nameserver, body, args.rounds, args.profile))

@@ -88,10 +88,12 @@ class _Sig:
     tags: dict[bytes, bytes]
 
 
-def _signatures(headers: Sequence[Sequence[bytes]]) -> list[_Sig | str]:
-    """The parsed tags of each DKIM-Signature (or why it cannot be parsed), top first."""
+def _signatures(headers: Sequence[Sequence[bytes]], names: Sequence[bytes]) -> list[_Sig | str]:
+    """The parsed tags of each DKIM-Signature (or why it cannot be parsed), top first;
+    `names`: each field's name, lowercased."""
     out: list[_Sig | str] = []
-    for i, (_name, value) in enumerate(h for h in headers if h[0].lower() == b"dkim-signature"):
+    signatures = (h for h, name in zip(headers, names, strict=True) if name == b"dkim-signature")
+    for i, (_name, value) in enumerate(signatures):
         try:
             out.append(_Sig(i, parse_tags(value)))
         except (InvalidTagValueList, ValueError) as exc:
@@ -115,6 +117,7 @@ class ParsedHead:
 
     section: bytes  # the header section, without the blank line
     headers: list[list[bytes]] | None  # dkimpy's [name, value] pairs; None: only dkimpy can parse it
+    names: list[bytes]  # each of `headers`' names, lowercased
     signatures: list[_Sig | str]
 
     def key_names(self) -> list[str]:
@@ -145,8 +148,9 @@ def parse_head(section: bytes, fields: list[bytes] | None = None) -> ParsedHead:
                     sigs.append(_Sig(len(sigs), parse_tags(value)))
                 except (InvalidTagValueList, ValueError) as exc:
                     sigs.append(f"unparseable signature: {exc}")
-        return ParsedHead(section, None, sigs)
-    return ParsedHead(section, headers, _signatures(headers))
+        return ParsedHead(section, None, [], sigs)
+    names = [h[0].lower() for h in headers]
+    return ParsedHead(section, headers, names, _signatures(headers, names))
 
 
 def key_name(tags: Mapping[bytes, bytes]) -> str | None:
@@ -305,9 +309,8 @@ def _split(message: bytes, head: ParsedHead | None) -> _Message:
         end = message.find(b"\r\n\r\n")
         section, body = (message, b"") if end < 0 else (message[: end + 2], message[end + 4 :])
         if head is not None and head.headers is not None and head.section == section:
-            headers = head.headers
-        else:
-            headers = dkim.rfc822_parse(section)[0]
+            return _Message(head.headers, head.names, body)
+        headers = dkim.rfc822_parse(section)[0]
     return _Message(headers, [h[0].lower() for h in headers], body)
 
 
@@ -388,7 +391,7 @@ def verify(
     if head is not None and split.headers is head.headers:
         signatures = head.signatures
     else:
-        signatures = _signatures(split.headers)
+        signatures = _signatures(split.headers, split.names)
     results: list[DkimOutcome] = []
     for n, sig in enumerate(signatures):
         if isinstance(sig, str):
