@@ -440,12 +440,14 @@ class _Reader(ValueReader):
         return tuple(keys)
 
     def mailauth(self) -> MailauthConfig:
-        t = self.table(self.doc, "mailauth", "mailauth", {"dmarc", "checks", "max_verify_size"})
+        keys = {"dmarc", "checks", "max_verify_size", "checker_process"}
+        t = self.table(self.doc, "mailauth", "mailauth", keys)
         d = MailauthConfig()
         return MailauthConfig(
             dmarc=self.enum(t, "dmarc", "mailauth.dmarc", DmarcMode, d.dmarc),
             checks=self.boolean(t, "checks", "mailauth.checks", d.checks),
             max_verify_size=self.size(t, "max_verify_size", "mailauth.max_verify_size", d.max_verify_size),
+            checker_process=self.boolean(t, "checker_process", "mailauth.checker_process", d.checker_process),
         )
 
     def admin(self) -> AdminConfig:

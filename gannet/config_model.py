@@ -135,6 +135,7 @@ class MailauthConfig:
     dmarc: DmarcMode = DmarcMode.ENFORCE
     checks: bool = True  # SPF/DKIM/DMARC/ARC on mx listeners for untrusted, unauthenticated clients
     max_verify_size: int = 10 * 1024 * 1024  # larger messages are not loaded for DKIM/ARC (nor signed)
+    checker_process: bool = True  # DKIM/ARC/DMARC at the end of data in a child process (another core)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from gannet import config as config_mod
 from gannet import metrics
 from gannet.clock import SystemClock
 from gannet.config import Config, ConfigError
-from gannet.mailauth import checks as mailauth_checks
+from gannet.mailauth import checker as mailauth_checks
 from gannet.mailauth.signing import Signer
 from gannet.policy.accounts import AccountsError, AccountsFile
 from gannet.policy.recipients import RecipientTable
@@ -132,6 +132,8 @@ class Server:
         log.info("stopping: no new connections; letting sessions finish (up to %.0fs)", SHUTDOWN_GRACE)
         await listeners.stop(SHUTDOWN_GRACE)
         await delivery.stop(SHUTDOWN_GRACE)
+        if services.mailauth is not None:
+            await services.mailauth.close()
         if admin is not None:
             await admin.stop()
         log.info("stopped")
@@ -157,7 +159,10 @@ class Server:
         changed = _changed_sections(self.config, new)
         self.services.signer = signer
         if {"mailauth", "dns", "hostname"} & set(changed):  # else keep the checks' DNS cache
+            old = self.services.mailauth
             self.services.mailauth = mailauth_checks.from_config(new, self.clock)
+            if old is not None:  # sessions still in the old checks fall back to checking in the server
+                self._closing_checks = asyncio.get_running_loop().create_task(old.close())
         if new.listen != self.config.listen:
             log.warning("reload: [[listen]] changes take effect only after a restart")
         if new.admin != self.config.admin:

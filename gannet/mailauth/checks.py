@@ -110,6 +110,9 @@ class InboundChecks:
         self._spf_results: dict[tuple[str, str, str], tuple[spf_mod.SpfOutcome, float]] = {}
         dmarc.org_domain(self.hostname)  # load the Public Suffix List now, not on the first message
 
+    async def close(self) -> None:
+        """Release what the checks hold beyond memory (see `checker.ProcessChecks`); here, nothing."""
+
     # ------------------------------------------------------------------ SPF
 
     def start_spf(self, ip: str, sender: str, helo: str) -> asyncio.Future[spf_mod.SpfOutcome]:

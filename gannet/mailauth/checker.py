@@ -1,0 +1,294 @@
+"""The end-of-data checks (DKIM, ARC, DMARC) in a child process, so they run on another core.
+
+Why: on a small machine the server's one event loop is the limit when many
+sessions are busy, and the checks are the largest piece of its work per
+message that is not I/O (~0.25 ms of loop time under load, of ~0.6 ms in
+all). Issue 4 asks that they cut the accept rate by at most a third; with 50
+sessions sending over reused connections they cut it by 38 % in the server's
+loop. In a child they overlap the loop's other work (measured with
+`bench/accept.py --mailauth`; figures in the README). A thread would not do:
+the checks are Python, and the GIL would serialize them with the loop.
+
+How: `ProcessChecks` is an `InboundChecks` whose `finish` sends the SPF
+outcome (SPF stays in the server: it starts at MAIL FROM), the message and
+the DMARC mode to the child over a socketpair and awaits its `Verdict`. The
+child (`python -m gannet.mailauth.checker`) is an `InboundChecks` of its own,
+built from the same settings, with its own resolver and DNS cache. It is
+started at the first message, and exits when the socket closes: when the
+server closes it, exits, or is killed.
+
+Never loses or delays mail for its own sake. The checks run in the server,
+as without a child, while the child starts, after it died (until it is
+restarted, at most once per RESTART_SECONDS), for a request the child was
+working on when it died, and for a body that is not in memory (spooled to a
+file: over the spool's inline limit).
+
+Frames: request id and length (`struct` "!II"), then a pickle. Pickle is safe
+here because both ends are Gannet processes on a private socketpair; the
+network's bytes travel inside it as one `bytes` object, never unpickled.
+
+Never writes to the queue or answers a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+from typing import Any
+
+from gannet.clock import Clock
+from gannet.config import Config, DmarcMode
+from gannet.delivery.dns import Resolver
+from gannet.mailauth import checks as checks_mod
+from gannet.mailauth import spf as spf_mod
+from gannet.mailauth.checks import InboundChecks, Verdict
+from gannet.queue.model import Body, InlineBody
+
+log = logging.getLogger("gannet.mailauth")
+
+FRAME = struct.Struct("!II")  # request id, length of the pickle that follows
+READY_ID = 0  # the child's first frame: its checks are built (the Public Suffix List is loaded)
+START_TIMEOUT = 30.0
+RESTART_SECONDS = 10.0
+
+
+class CheckerLost(Exception):
+    """The child went away before it answered."""
+
+
+class _Channel:
+    """The server's end of one child: requests out, verdicts back by id."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.proc = proc
+        self.reader = reader
+        self.writer = writer
+        self.pending: dict[int, asyncio.Future[Verdict]] = {}
+        self.alive = True
+        self._next_id = READY_ID
+
+    async def ask(self, request: tuple[Any, ...]) -> Verdict:
+        if not self.alive:
+            raise CheckerLost("the checker process has exited")
+        self._next_id = self._next_id % 0xFFFFFFFF + 1  # never READY_ID
+        rid = self._next_id
+        data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        self.pending[rid] = future
+        self.writer.write(FRAME.pack(rid, len(data)) + data)
+        try:
+            return await future
+        finally:
+            self.pending.pop(rid, None)
+
+    async def read_replies(self) -> None:
+        """Until EOF: each verdict to the request that asked for it. Then fail the rest."""
+        try:
+            while True:
+                rid, size = FRAME.unpack(await self.reader.readexactly(FRAME.size))
+                verdict = pickle.loads(await self.reader.readexactly(size))
+                future = self.pending.get(rid)
+                if future is not None and not future.done():
+                    future.set_result(verdict)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.alive = False
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(CheckerLost("the checker process exited"))
+            self.writer.close()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+class ProcessChecks(InboundChecks):
+    """`InboundChecks` with the end-of-data checks in a child process (see the module docstring)."""
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        hostname: str,
+        *,
+        nameservers: tuple[str, ...] = (),
+        max_verify_size: int = 10 * 1024 * 1024,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(resolver, hostname, max_verify_size=max_verify_size, clock=clock)
+        self._settings = {"hostname": hostname, "nameservers": list(nameservers),
+                          "max_verify_size": max_verify_size}
+        self._channel: _Channel | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._next_start = 0.0
+        self._closed = False
+        self.in_child = 0  # messages the child checked
+        self.in_server = 0  # messages checked here (no child yet, a dead one, a spooled body)
+
+    @property
+    def child_pid(self) -> int | None:
+        """The running child's process ID, None while there is none."""
+        channel = self._channel
+        return channel.proc.pid if channel is not None and channel.alive else None
+
+    async def finish(
+        self,
+        spf_task: asyncio.Future[spf_mod.SpfOutcome] | None,
+        body: Body,
+        mode: DmarcMode,
+        *,
+        sender: str = "",
+        helo: str = "",
+    ) -> Verdict:
+        channel = self._ready_channel()
+        if channel is None or not isinstance(body, InlineBody):
+            self.in_server += 1
+            return await super().finish(spf_task, body, mode, sender=sender, helo=helo)
+        spf = await self._spf_result(spf_task, sender, helo)
+        try:
+            verdict = await channel.ask((spf, body.data, mode, sender, helo))
+        except CheckerLost:
+            self.in_server += 1
+            done: asyncio.Future[spf_mod.SpfOutcome] = asyncio.get_running_loop().create_future()
+            done.set_result(spf)
+            return await super().finish(done, body, mode, sender=sender, helo=helo)
+        self.in_child += 1
+        return verdict
+
+    def _ready_channel(self) -> _Channel | None:
+        """The child when it is up; else start one (in the background) if it is time to."""
+        channel = self._channel
+        if channel is not None and channel.alive:
+            return channel
+        if self._closed or self._starting is not None or self.clock.monotonic() < self._next_start:
+            return None
+        self._next_start = self.clock.monotonic() + RESTART_SECONDS
+        self._starting = asyncio.get_running_loop().create_task(self._start())
+        return None
+
+    async def _start(self) -> None:
+        try:
+            await self._spawn()
+        finally:
+            self._starting = None
+
+    async def _spawn(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            argv = ["-m", "gannet.mailauth.checker", str(theirs.fileno()), json.dumps(self._settings)]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, *argv, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL
+            )
+        except OSError as exc:
+            log.warning("mailauth: cannot start the checker process (%s); checking in the server", exc)
+            ours.close()
+            return
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        channel = _Channel(proc, reader, writer)
+        try:
+            await asyncio.wait_for(reader.readexactly(FRAME.size), START_TIMEOUT)  # READY_ID
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            log.warning("mailauth: the checker process did not start; checking in the server")
+            await channel.close(timeout=1.0)
+            return
+        if self._closed:
+            await channel.close()
+            return
+        self._channel = channel
+        self._reading = asyncio.get_running_loop().create_task(self._watch(channel))
+        log.info("mailauth: checker process %d started", proc.pid)
+
+    async def _watch(self, channel: _Channel) -> None:
+        await channel.read_replies()
+        if not self._closed:
+            status = await channel.proc.wait()
+            log.warning("mailauth: the checker process exited (status %s); checking in the server"
+                        " until it is restarted", status)
+
+    async def close(self) -> None:
+        """Stop the child (it exits at EOF). Checks asked for after this run in the server."""
+        self._closed = True
+        if self._starting is not None:
+            await asyncio.gather(self._starting, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
+        if self._reading is not None:
+            await asyncio.gather(self._reading, return_exceptions=True)
+
+
+def from_config(config: Config, clock: Clock | None = None) -> InboundChecks | None:
+    """The server's checks: None when `[mailauth] checks = false`; in the server itself when
+    `[mailauth] checker_process = false`; else with a child process for the end of data."""
+    if not config.mailauth.checks or not config.mailauth.checker_process:
+        return checks_mod.from_config(config, clock)
+    return ProcessChecks(
+        Resolver(config.dns.nameservers, clock=clock),
+        config.hostname,
+        nameservers=config.dns.nameservers,
+        max_verify_size=config.mailauth.max_verify_size,
+        clock=clock,
+    )
+
+
+# --- the child ------------------------------------------------------------------------
+
+
+async def _serve(sock: socket.socket, settings: dict[str, Any]) -> None:
+    checks = InboundChecks(Resolver(tuple(settings["nameservers"])), settings["hostname"],
+                           max_verify_size=settings["max_verify_size"])
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    writer.write(FRAME.pack(READY_ID, 0))
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def answer(rid: int, request: bytes) -> None:
+        spf, data, mode, sender, helo = pickle.loads(request)
+        done: asyncio.Future[spf_mod.SpfOutcome] = asyncio.get_running_loop().create_future()
+        done.set_result(spf)
+        verdict = await checks.finish(done, InlineBody(data), mode, sender=sender, helo=helo)
+        reply = pickle.dumps(verdict, protocol=pickle.HIGHEST_PROTOCOL)
+        writer.write(FRAME.pack(rid, len(reply)) + reply)
+
+    while True:
+        try:
+            rid, size = FRAME.unpack(await reader.readexactly(FRAME.size))
+            request = await reader.readexactly(size)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return  # the server closed its end, exited or died
+        task = asyncio.get_running_loop().create_task(answer(rid, request))
+        tasks.add(task)  # a reference until done (the loop keeps only weak ones)
+        task.add_done_callback(tasks.discard)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m gannet.mailauth.checker FD SETTINGS-JSON`, started by `ProcessChecks`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the server's to handle
+    logging.basicConfig(level=logging.WARNING, format=f"gannet-checker[{os.getpid()}]: %(message)s")
+    sock = socket.socket(fileno=int(argv[0]))
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_serve(sock, json.loads(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,158 @@
+"""ProcessChecks: the end-of-data checks in a child process, against the same checks in the server.
+
+dnsmasq (peers.DnsServer) serves the sender's SPF, DKIM key and DMARC p=reject
+records: the child has a resolver of its own, so it must find them as the
+server would. Checked: the child's verdicts are the server's, for a message
+that passes and one whose body was altered (DMARC rejects); a child killed with
+SIGKILL costs no message (its requests are checked in the server) and is
+replaced; close() ends it; a spooled body is checked in the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import dkim
+import peers
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gannet.config import DmarcMode
+from gannet.delivery.dns import Resolver
+from gannet.mailauth import checker
+from gannet.mailauth.checker import ProcessChecks
+from gannet.mailauth.checks import InboundChecks, Verdict
+from gannet.queue.model import InlineBody, SpooledBody
+
+HOST = "mx.example.test"
+SENDER = "bob@sender.test"
+PASSED = "spf=fail dkim=pass dmarc=pass arc=none"
+
+
+@pytest.fixture(scope="module")
+def signed() -> tuple[bytes, str]:
+    """A message signed by s1._domainkey.sender.test, and that key's TXT record."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())  # fmt: skip
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+    message = (
+        b"From: Bob <bob@sender.test>\r\nTo: alice@example.test\r\nSubject: checked\r\n"
+        b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <checker@sender.test>\r\n\r\nHello.\r\n"
+    )
+    signature = dkim.sign(message, b"s1", b"sender.test", pem, include_headers=[b"from", b"to", b"subject"])
+    return signature + message, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+@pytest.fixture
+def nameserver(tmp_path: Path, signed: tuple[bytes, str]) -> Iterator[str]:
+    peers.need("dnsmasq")
+    records: peers.DnsRecords = {
+        "sender.test": {"TXT": ["v=spf1 ip4:192.0.2.0/24 -all"]},  # SPF fails: DMARC rests on DKIM
+        "_dmarc.sender.test": {"TXT": ["v=DMARC1; p=reject"]},
+        "s1._domainkey.sender.test": {"TXT": [signed[1]]},
+    }
+    with peers.DnsServer(tmp_path / "dns", records=records, ttl=300) as dns:
+        yield dns.nameserver
+
+
+def _process_checks(nameserver: str) -> ProcessChecks:
+    return ProcessChecks(Resolver([nameserver]), HOST, nameservers=(nameserver,))
+
+
+async def _check(checks: InboundChecks, data: bytes) -> Verdict:
+    spf = checks.start_spf("127.0.0.1", SENDER, "client.sender.test")
+    helo = "client.sender.test"
+    return await checks.finish(spf, InlineBody(data), DmarcMode.ENFORCE, sender=SENDER, helo=helo)
+
+
+async def _child_running(checks: ProcessChecks, message: bytes) -> int:
+    """Check messages until the child is up (the first ones start it and are checked here)."""
+    async with asyncio.timeout(30):
+        while checks.child_pid is None:
+            await _check(checks, message)
+            await asyncio.sleep(0.05)
+    pid = checks.child_pid
+    assert pid is not None
+    return pid
+
+
+def _same(a: Verdict, b: Verdict) -> None:
+    assert (a.summary, a.reject, a.quarantine, a.reasons) == (b.summary, b.reject, b.quarantine, b.reasons)
+    assert a.prepend.split(b"header.b=")[0] == b.prepend.split(b"header.b=")[0]
+
+
+async def test_the_childs_verdicts_are_the_servers(nameserver: str, signed: tuple[bytes, str]) -> None:
+    message = signed[0]
+    altered = message.replace(b"Hello.", b"Hello!")
+    here = InboundChecks(Resolver([nameserver]), HOST)
+    checks = _process_checks(nameserver)
+    try:
+        await _child_running(checks, message)
+        before = checks.in_child
+        passed, failed = await _check(checks, message), await _check(checks, altered)
+        assert checks.in_child == before + 2
+        assert passed.summary == PASSED
+        assert failed.reject is not None and failed.reject.code == 550
+        _same(passed, await _check(here, message))
+        _same(failed, await _check(here, altered))
+    finally:
+        await checks.close()
+
+
+async def test_a_killed_child_costs_no_message_and_is_replaced(
+    nameserver: str, signed: tuple[bytes, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checker, "RESTART_SECONDS", 0.0)
+    checks = _process_checks(nameserver)
+    try:
+        first = await _child_running(checks, signed[0])
+        os.kill(first, signal.SIGKILL)
+        # Whether the request meets the dying child or finds it gone, it is answered.
+        in_server = checks.in_server
+        verdict = await _check(checks, signed[0])
+        assert verdict.summary == PASSED
+        second = await _child_running(checks, signed[0])
+        assert second != first
+        assert checks.in_server > in_server
+        assert (await _check(checks, signed[0])).summary == verdict.summary
+    finally:
+        await checks.close()
+
+
+async def test_close_ends_the_child_and_checks_go_on_in_the_server(
+    nameserver: str, signed: tuple[bytes, str]
+) -> None:
+    checks = _process_checks(nameserver)
+    pid = await _child_running(checks, signed[0])
+    await checks.close()
+    assert checks.child_pid is None
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    in_child = checks.in_child
+    assert (await _check(checks, signed[0])).summary == PASSED
+    assert checks.in_child == in_child
+
+
+async def test_a_spooled_body_is_checked_in_the_server(
+    nameserver: str, signed: tuple[bytes, str], tmp_path: Path
+) -> None:
+    checks = _process_checks(nameserver)
+    try:
+        await _child_running(checks, signed[0])
+        path = tmp_path / "spooled"
+        path.write_bytes(signed[0])
+        in_server = checks.in_server
+        spf = checks.start_spf("127.0.0.1", SENDER, "client.sender.test")
+        verdict = await checks.finish(spf, SpooledBody(path, len(signed[0])), DmarcMode.ENFORCE,
+                                      sender=SENDER, helo="client.sender.test")  # fmt: skip
+        assert verdict.summary == PASSED
+        assert checks.in_server == in_server + 1
+    finally:
+        await checks.close()
