@@ -25,7 +25,7 @@ from gannet import config as config_mod
 from gannet import metrics
 from gannet.clock import SystemClock
 from gannet.config import Config, ConfigError
-from gannet.mailauth import checker as mailauth_checks
+from gannet.mailauth import checker as mailauth_checker
 from gannet.mailauth.signing import Signer
 from gannet.policy.accounts import AccountsError, AccountsFile
 from gannet.policy.recipients import RecipientTable
@@ -101,7 +101,7 @@ class Server:
             tls_context=tls,
             clock=self.clock,
             on_enqueued=delivery.wake,
-            mailauth=mailauth_checks.from_config(config, self.clock),
+            mailauth=mailauth_checker.from_config(config, self.clock),
             signer=Signer.from_config(config),  # ConfigError (unreadable key) → exit 2
         )
         services.refresh_recipients = self._current_table
@@ -160,7 +160,7 @@ class Server:
         self.services.signer = signer
         if {"mailauth", "dns", "hostname"} & set(changed):  # else keep the checks' DNS cache
             old = self.services.mailauth
-            self.services.mailauth = mailauth_checks.from_config(new, self.clock)
+            self.services.mailauth = mailauth_checker.from_config(new, self.clock)
             if old is not None:  # sessions still in the old checks fall back to checking in the server
                 self._closing_checks = asyncio.get_running_loop().create_task(old.close())
         if new.listen != self.config.listen:

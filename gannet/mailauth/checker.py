@@ -20,7 +20,8 @@ server closes it, exits, or is killed.
 Never loses or delays mail for its own sake. The checks run in the server,
 as without a child, while the child starts, after it died (until it is
 restarted, at most once per RESTART_SECONDS), for a request the child was
-working on when it died, and for a body that is not in memory (spooled to a
+working on when it died or left unanswered for ANSWER_TIMEOUT (it is then
+killed as wedged), and for a body that is not in memory (spooled to a
 file: over the spool's inline limit).
 
 Frames: request id and length (`struct` "!II"), then a pickle. Pickle is safe
@@ -57,6 +58,9 @@ FRAME = struct.Struct("!II")  # request id, length of the pickle that follows
 READY_ID = 0  # the child's first frame: its checks are built (the Public Suffix List is loaded)
 START_TIMEOUT = 30.0
 RESTART_SECONDS = 10.0
+# A child that has not answered in this long is wedged (the checks' own DNS waits are far
+# shorter): it is killed, and the message is checked in the server.
+ANSWER_TIMEOUT = 60.0
 
 
 class CheckerLost(Exception):
@@ -160,8 +164,13 @@ class ProcessChecks(InboundChecks):
             return await super().finish(spf_task, body, mode, sender=sender, helo=helo)
         spf = await self._spf_result(spf_task, sender, helo)
         try:
-            verdict = await channel.ask((spf, body.data, mode, sender, helo))
-        except CheckerLost:
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                verdict = await channel.ask((spf, body.data, mode, sender, helo))
+        except (CheckerLost, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) and channel.alive:
+                log.warning("mailauth: the checker process %d did not answer in %.0fs; killing it",
+                            channel.proc.pid, ANSWER_TIMEOUT)
+                channel.proc.kill()
             self.in_server += 1
             done: asyncio.Future[spf_mod.SpfOutcome] = asyncio.get_running_loop().create_future()
             done.set_result(spf)

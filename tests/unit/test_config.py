@@ -41,6 +41,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
     assert cfg.smtp.max_message_size == 50 * 1024 * 1024
     assert cfg.smtp.bare_newline is BareNewlinePolicy.REJECT
     assert cfg.postmaster == "postmaster@example.test"
+    assert cfg.mailauth.checks and cfg.mailauth.checker_process
 
 
 def test_durations_sizes_and_ipv6_listeners(tmp_path: Path) -> None:
@@ -98,6 +99,7 @@ bare_newline = "normalize"
         ('[delivery]\ntls_policy = { "x.test" = "always" }\n', "delivery.tls_policy", "not a TLS policy"),
         ("[delivery]\ndestination_concurrency = 0\n", "delivery.destination_concurrency", "out of range"),
         ('[delivery]\nconnection_cache_time = "soon"\n', "delivery.connection_cache_time", "not a duration"),
+        ('[mailauth]\nchecker_process = "yes"\n', "mailauth.checker_process", "true or false"),
     ],
 )
 def test_each_error_names_file_key_and_reason(tmp_path: Path, extra: str, key: str, reason: str) -> None:

@@ -127,6 +127,24 @@ async def test_a_killed_child_costs_no_message_and_is_replaced(
         await checks.close()
 
 
+async def test_a_wedged_child_is_killed_and_the_message_checked_here(
+    nameserver: str, signed: tuple[bytes, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checker, "ANSWER_TIMEOUT", 1.0)
+    checks = _process_checks(nameserver)
+    try:
+        pid = await _child_running(checks, signed[0])
+        os.kill(pid, signal.SIGSTOP)  # alive, holding its socket, answering nothing
+        in_server = checks.in_server
+        assert (await _check(checks, signed[0])).summary == PASSED
+        assert checks.in_server == in_server + 1
+        async with asyncio.timeout(10):
+            while checks.child_pid == pid:
+                await asyncio.sleep(0.05)
+    finally:
+        await checks.close()
+
+
 async def test_close_ends_the_child_and_checks_go_on_in_the_server(
     nameserver: str, signed: tuple[bytes, str]
 ) -> None:
