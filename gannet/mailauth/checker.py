@@ -70,8 +70,9 @@ class CheckerLost(Exception):
 class _Channel:
     """The server's end of one child: requests out, verdicts back by id."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.proc = proc
         self.reader = reader
         self.writer = writer
@@ -133,8 +134,11 @@ class ProcessChecks(InboundChecks):
         clock: Clock | None = None,
     ) -> None:
         super().__init__(resolver, hostname, max_verify_size=max_verify_size, clock=clock)
-        self._settings = {"hostname": hostname, "nameservers": list(nameservers),
-                          "max_verify_size": max_verify_size}
+        self._settings = {
+            "hostname": hostname,
+            "nameservers": list(nameservers),
+            "max_verify_size": max_verify_size,
+        }
         self._channel: _Channel | None = None
         self._starting: asyncio.Task[None] | None = None
         self._reading: asyncio.Task[None] | None = None
@@ -168,13 +172,14 @@ class ProcessChecks(InboundChecks):
                 verdict = await channel.ask((spf, body.data, mode, sender, helo))
         except (CheckerLost, TimeoutError) as exc:
             if isinstance(exc, TimeoutError) and channel.alive:
-                log.warning("mailauth: the checker process %d did not answer in %.0fs; killing it",
-                            channel.proc.pid, ANSWER_TIMEOUT)
+                log.warning(
+                    "mailauth: the checker process %d did not answer in %.0fs; killing it",
+                    channel.proc.pid,
+                    ANSWER_TIMEOUT,
+                )
                 channel.proc.kill()
             self.in_server += 1
-            done: asyncio.Future[spf_mod.SpfOutcome] = asyncio.get_running_loop().create_future()
-            done.set_result(spf)
-            return await super().finish(done, body, mode, sender=sender, helo=helo)
+            return await super().finish(_resolved(spf), body, mode, sender=sender, helo=helo)
         self.in_child += 1
         return verdict
 
@@ -227,8 +232,11 @@ class ProcessChecks(InboundChecks):
         await channel.read_replies()
         if not self._closed:
             status = await channel.proc.wait()
-            log.warning("mailauth: the checker process exited (status %s); checking in the server"
-                        " until it is restarted", status)
+            log.warning(
+                "mailauth: the checker process exited (status %s); checking in the server"
+                " until it is restarted",
+                status,
+            )
 
     async def close(self) -> None:
         """Stop the child (it exits at EOF). Checks asked for after this run in the server."""
@@ -239,6 +247,13 @@ class ProcessChecks(InboundChecks):
             await self._channel.close()
         if self._reading is not None:
             await asyncio.gather(self._reading, return_exceptions=True)
+
+
+def _resolved(spf: spf_mod.SpfOutcome) -> asyncio.Future[spf_mod.SpfOutcome]:
+    """An SPF outcome already known, in the form `InboundChecks.finish` awaits."""
+    done: asyncio.Future[spf_mod.SpfOutcome] = asyncio.get_running_loop().create_future()
+    done.set_result(spf)
+    return done
 
 
 def from_config(config: Config, clock: Clock | None = None) -> InboundChecks | None:
@@ -259,17 +274,18 @@ def from_config(config: Config, clock: Clock | None = None) -> InboundChecks | N
 
 
 async def _serve(sock: socket.socket, settings: dict[str, Any]) -> None:
-    checks = InboundChecks(Resolver(tuple(settings["nameservers"])), settings["hostname"],
-                           max_verify_size=settings["max_verify_size"])
+    checks = InboundChecks(
+        Resolver(tuple(settings["nameservers"])),
+        settings["hostname"],
+        max_verify_size=settings["max_verify_size"],
+    )
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     writer.write(FRAME.pack(READY_ID, 0))
     tasks: set[asyncio.Task[None]] = set()
 
     async def answer(rid: int, request: bytes) -> None:
         spf, data, mode, sender, helo = pickle.loads(request)
-        done: asyncio.Future[spf_mod.SpfOutcome] = asyncio.get_running_loop().create_future()
-        done.set_result(spf)
-        verdict = await checks.finish(done, InlineBody(data), mode, sender=sender, helo=helo)
+        verdict = await checks.finish(_resolved(spf), InlineBody(data), mode, sender=sender, helo=helo)
         reply = pickle.dumps(verdict, protocol=pickle.HIGHEST_PROTOCOL)
         writer.write(FRAME.pack(rid, len(reply)) + reply)
 

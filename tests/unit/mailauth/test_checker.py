@@ -14,7 +14,7 @@ import asyncio
 import base64
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import dkim
@@ -28,7 +28,7 @@ from gannet.delivery.dns import Resolver
 from gannet.mailauth import checker
 from gannet.mailauth.checker import ProcessChecks
 from gannet.mailauth.checks import InboundChecks, Verdict
-from gannet.queue.model import InlineBody, SpooledBody
+from gannet.queue.model import Body, InlineBody, SpooledBody
 
 HOST = "mx.example.test"
 SENDER = "bob@sender.test"
@@ -63,14 +63,17 @@ def nameserver(tmp_path: Path, signed: tuple[bytes, str]) -> Iterator[str]:
         yield dns.nameserver
 
 
-def _process_checks(nameserver: str) -> ProcessChecks:
-    return ProcessChecks(Resolver([nameserver]), HOST, nameservers=(nameserver,))
+@pytest.fixture
+async def checks(nameserver: str) -> AsyncIterator[ProcessChecks]:
+    process_checks = ProcessChecks(Resolver([nameserver]), HOST, nameservers=(nameserver,))
+    yield process_checks
+    await process_checks.close()  # again after a test's own close(): a no-op
 
 
-async def _check(checks: InboundChecks, data: bytes) -> Verdict:
+async def _check(checks: InboundChecks, data: bytes | Body) -> Verdict:
+    body = InlineBody(data) if isinstance(data, bytes) else data
     spf = checks.start_spf("127.0.0.1", SENDER, "client.sender.test")
-    helo = "client.sender.test"
-    return await checks.finish(spf, InlineBody(data), DmarcMode.ENFORCE, sender=SENDER, helo=helo)
+    return await checks.finish(spf, body, DmarcMode.ENFORCE, sender=SENDER, helo="client.sender.test")
 
 
 async def _child_running(checks: ProcessChecks, message: bytes) -> int:
@@ -89,66 +92,55 @@ def _same(a: Verdict, b: Verdict) -> None:
     assert a.prepend.split(b"header.b=")[0] == b.prepend.split(b"header.b=")[0]
 
 
-async def test_the_childs_verdicts_are_the_servers(nameserver: str, signed: tuple[bytes, str]) -> None:
+async def test_the_childs_verdicts_are_the_servers(
+    checks: ProcessChecks, nameserver: str, signed: tuple[bytes, str]
+) -> None:
     message = signed[0]
     altered = message.replace(b"Hello.", b"Hello!")
     here = InboundChecks(Resolver([nameserver]), HOST)
-    checks = _process_checks(nameserver)
-    try:
-        await _child_running(checks, message)
-        before = checks.in_child
-        passed, failed = await _check(checks, message), await _check(checks, altered)
-        assert checks.in_child == before + 2
-        assert passed.summary == PASSED
-        assert failed.reject is not None and failed.reject.code == 550
-        _same(passed, await _check(here, message))
-        _same(failed, await _check(here, altered))
-    finally:
-        await checks.close()
+    await _child_running(checks, message)
+    before = checks.in_child
+    passed, failed = await _check(checks, message), await _check(checks, altered)
+    assert checks.in_child == before + 2
+    assert passed.summary == PASSED
+    assert failed.reject is not None and failed.reject.code == 550
+    _same(passed, await _check(here, message))
+    _same(failed, await _check(here, altered))
 
 
 async def test_a_killed_child_costs_no_message_and_is_replaced(
-    nameserver: str, signed: tuple[bytes, str], monkeypatch: pytest.MonkeyPatch
+    checks: ProcessChecks, signed: tuple[bytes, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(checker, "RESTART_SECONDS", 0.0)
-    checks = _process_checks(nameserver)
-    try:
-        first = await _child_running(checks, signed[0])
-        os.kill(first, signal.SIGKILL)
-        # Whether the request meets the dying child or finds it gone, it is answered.
-        in_server = checks.in_server
-        verdict = await _check(checks, signed[0])
-        assert verdict.summary == PASSED
-        second = await _child_running(checks, signed[0])
-        assert second != first
-        assert checks.in_server > in_server
-        assert (await _check(checks, signed[0])).summary == verdict.summary
-    finally:
-        await checks.close()
+    first = await _child_running(checks, signed[0])
+    os.kill(first, signal.SIGKILL)
+    # Whether the request meets the dying child or finds it gone, it is answered.
+    in_server = checks.in_server
+    verdict = await _check(checks, signed[0])
+    assert verdict.summary == PASSED
+    second = await _child_running(checks, signed[0])
+    assert second != first
+    assert checks.in_server > in_server
+    assert (await _check(checks, signed[0])).summary == verdict.summary
 
 
 async def test_a_wedged_child_is_killed_and_the_message_checked_here(
-    nameserver: str, signed: tuple[bytes, str], monkeypatch: pytest.MonkeyPatch
+    checks: ProcessChecks, signed: tuple[bytes, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(checker, "ANSWER_TIMEOUT", 1.0)
-    checks = _process_checks(nameserver)
-    try:
-        pid = await _child_running(checks, signed[0])
-        os.kill(pid, signal.SIGSTOP)  # alive, holding its socket, answering nothing
-        in_server = checks.in_server
-        assert (await _check(checks, signed[0])).summary == PASSED
-        assert checks.in_server == in_server + 1
-        async with asyncio.timeout(10):
-            while checks.child_pid == pid:
-                await asyncio.sleep(0.05)
-    finally:
-        await checks.close()
+    pid = await _child_running(checks, signed[0])
+    os.kill(pid, signal.SIGSTOP)  # alive, holding its socket, answering nothing
+    in_server = checks.in_server
+    assert (await _check(checks, signed[0])).summary == PASSED
+    assert checks.in_server == in_server + 1
+    async with asyncio.timeout(10):
+        while checks.child_pid == pid:
+            await asyncio.sleep(0.05)
 
 
 async def test_close_ends_the_child_and_checks_go_on_in_the_server(
-    nameserver: str, signed: tuple[bytes, str]
+    checks: ProcessChecks, signed: tuple[bytes, str]
 ) -> None:
-    checks = _process_checks(nameserver)
     pid = await _child_running(checks, signed[0])
     await checks.close()
     assert checks.child_pid is None
@@ -159,18 +151,12 @@ async def test_close_ends_the_child_and_checks_go_on_in_the_server(
 
 
 async def test_a_spooled_body_is_checked_in_the_server(
-    nameserver: str, signed: tuple[bytes, str], tmp_path: Path
+    checks: ProcessChecks, signed: tuple[bytes, str], tmp_path: Path
 ) -> None:
-    checks = _process_checks(nameserver)
-    try:
-        await _child_running(checks, signed[0])
-        path = tmp_path / "spooled"
-        path.write_bytes(signed[0])
-        in_server = checks.in_server
-        spf = checks.start_spf("127.0.0.1", SENDER, "client.sender.test")
-        verdict = await checks.finish(spf, SpooledBody(path, len(signed[0])), DmarcMode.ENFORCE,
-                                      sender=SENDER, helo="client.sender.test")  # fmt: skip
-        assert verdict.summary == PASSED
-        assert checks.in_server == in_server + 1
-    finally:
-        await checks.close()
+    await _child_running(checks, signed[0])
+    path = tmp_path / "spooled"
+    path.write_bytes(signed[0])
+    in_server = checks.in_server
+    verdict = await _check(checks, SpooledBody(path, len(signed[0])))
+    assert verdict.summary == PASSED
+    assert checks.in_server == in_server + 1
