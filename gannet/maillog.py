@@ -65,7 +65,9 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _clean(value: object, limit: int = 300) -> str:
-    text = _UNSAFE.sub("?", str(value))
+    text = str(value)
+    if not text.isprintable():  # C-fast check first: most values need no substitution
+        text = _UNSAFE.sub("?", text)
     return text if len(text) <= limit else text[:limit] + "…"
 
 

@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -93,6 +94,34 @@ class DomainLabels:
             self.others.add(domain)
             return domain
         return OTHER
+
+
+class _Tally:
+    """Counts of the session path's events, applied to the instruments in bulk (`flush`).
+
+    Why: in multiprocess mode each `inc()` takes a lock, asks the kernel for the
+    process ID and writes a memory-mapped file, and `labels()` builds and looks
+    up a key each time: ~8 % of the server's event-loop time with 50 sessions
+    sending one message per connection (py-spy --native). The events only add
+    up, so they are summed here and applied whenever something reads the
+    metrics (`registry`, `totals`, `labelled` flush first): a reader never sees
+    a stale value. Thread-safe (the lock is uncontended: the loop adds, readers
+    flush)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[object, tuple[str, ...]], float] = {}
+
+    def add(self, instrument: object, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        key = (instrument, labels)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0.0) + amount
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        for (instrument, labels), amount in counts.items():
+            instrument.labels(*labels).inc(amount)  # type: ignore[attr-defined]
 
 
 class _Instruments:
@@ -154,6 +183,7 @@ class _Instruments:
             registry=r,
         )
         self.recent: deque[RecentEvent] = deque(maxlen=RECENT)
+        self.tally = _Tally()
 
 
 _m: _Instruments | None = None
@@ -221,6 +251,7 @@ def registry() -> CollectorRegistry:
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
+    flush()
     if _registry is not None:
         return _registry
     if multiprocess():
@@ -228,6 +259,12 @@ def registry() -> CollectorRegistry:
         MultiProcessCollector(out)  # type: ignore[no-untyped-call]
         return out
     return CollectorRegistry()
+
+
+def flush() -> None:
+    """Apply the session path's summed events to the instruments (see `_Tally`)."""
+    if _m is not None:
+        _m.tally.flush()
 
 
 def recent(kind: EventKind | None = None, limit: int = 50) -> list[RecentEvent]:
@@ -243,10 +280,11 @@ def recent(kind: EventKind | None = None, limit: int = 50) -> list[RecentEvent]:
 
 def received(listener: str, domains: Sequence[str]) -> None:
     """A message was accepted (after its commit) with recipients in `domains`."""
-    if _m is None:
+    m = _m
+    if m is None:
         return
     for domain in domains:
-        _m.received.labels(listener, _m.domains(domain)).inc()
+        m.tally.add(m.received, (listener, m.domains(domain)))
 
 
 def delivery_outcome(address: str, outcome: str, latency: float) -> None:
@@ -266,13 +304,14 @@ def delivery_outcome(address: str, outcome: str, latency: float) -> None:
 
 def session_opened(listener: str) -> None:
     if _m is not None:
-        _m.sessions_open.labels(listener).inc()
+        _m.tally.add(_m.sessions_open, (listener,))
 
 
 def session_closed(listener: str, tls: bool) -> None:
-    if _m is not None:
-        _m.sessions_open.labels(listener).dec()
-        _m.sessions.labels(listener, "yes" if tls else "no").inc()
+    m = _m
+    if m is not None:
+        m.tally.add(m.sessions_open, (listener,), -1.0)
+        m.tally.add(m.sessions, (listener, "yes" if tls else "no"))
 
 
 def auth_failed(listener: str, client: str, username: str, mechanism: str) -> None:
@@ -308,6 +347,7 @@ def store_commit(seconds: float, fsync: bool) -> None:
 def totals(source: CollectorRegistry | None = None) -> dict[str, float]:
     """Sums over all labels of each counter and gauge, keyed by sample name
     ("gannet_messages_received_total", "gannet_sessions_open", …)."""
+    flush()
     out: dict[str, float] = {}
     for family in (source or registry()).collect():
         for sample in family.samples:
@@ -319,6 +359,7 @@ def totals(source: CollectorRegistry | None = None) -> dict[str, float]:
 
 def labelled(name: str, source: CollectorRegistry | None = None) -> list[tuple[dict[str, str], float]]:
     """Every (labels, value) sample called `name`."""
+    flush()
     found: list[tuple[dict[str, str], float]] = []
     for family in (source or registry()).collect():
         found += [(dict(s.labels), float(s.value)) for s in family.samples if s.name == name]

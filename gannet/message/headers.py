@@ -11,6 +11,7 @@ Pure functions over bytes and values: no I/O, no clock (time is passed in).
 from __future__ import annotations
 
 import email.utils
+import functools
 from dataclasses import dataclass
 
 # RFC 5321 §6.3 suggests a limit of at least 100 Received headers before
@@ -65,9 +66,15 @@ def message_id(queue_id: str, hostname: str, now: float) -> str:
 
 
 def rfc5322_date(now: float) -> str:
-    return email.utils.formatdate(now, localtime=False, usegmt=True)
+    return _date_of_second(int(now))
 
 
+@functools.lru_cache(maxsize=4)  # one string per second: every message in it shares it
+def _date_of_second(second: int) -> str:
+    return email.utils.formatdate(second, localtime=False, usegmt=True)
+
+
+@functools.lru_cache(maxsize=1024)  # a client's HELO name is the same in each of its sessions
 def _token(value: str) -> str:
     """HELO names come from the peer: keep the header well-formed whatever they sent."""
     return "".join(c if 32 < ord(c) < 127 and c not in "()<>;" else "?" for c in value[:255])

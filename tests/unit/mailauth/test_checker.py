@@ -5,7 +5,9 @@ records: the child has a resolver of its own, so it must find them as the
 server would. Checked: the child's verdicts are the server's, for a message
 that passes and one whose body was altered (DMARC rejects); a child killed with
 SIGKILL costs no message (its requests are checked in the server) and is
-replaced; close() ends it; a spooled body is checked in the server.
+replaced; one that stops answering is killed after ANSWER_TIMEOUT; close() ends
+it; a spooled body is checked in the server; an answer that does not decode
+kills the child.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import base64
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -160,3 +163,25 @@ async def test_a_spooled_body_is_checked_in_the_server(
     verdict = await _check(checks, SpooledBody(path, len(signed[0])))
     assert verdict.summary == PASSED
     assert checks.in_server == in_server + 1
+
+
+async def test_an_answer_that_does_not_decode_kills_the_child_and_fails_its_requests(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server's end of the channel, against a real process and a real socket whose
+    other end writes a frame that is not a pickle (as a corrupted child would)."""
+    ours, theirs = socket.socketpair()
+    proc = await asyncio.create_subprocess_exec("sleep", "60")
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    channel = checker._Channel(proc, reader, writer)
+    asking = asyncio.ensure_future(channel.ask(("anything",)))
+    reading = asyncio.ensure_future(channel.read_replies())
+    await asyncio.sleep(0.05)
+    theirs.sendall(checker.FRAME.pack(1, 5) + b"junk!")
+    with pytest.raises(checker.CheckerLost):
+        await asyncio.wait_for(asking, 10)
+    await asyncio.wait_for(reading, 10)
+    assert await asyncio.wait_for(proc.wait(), 10) == -signal.SIGKILL
+    assert not channel.alive
+    assert "unreadable answer from the checker process" in caplog.text
+    theirs.close()
