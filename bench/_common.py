@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks in bench/: where the peers are, how Gannet is configured, tables.
 
-The benchmarks start the same real peers as the tests, through tests/peers.py
+The benchmarks start the same real peers as the tests, through tests/peers/
 (Gannet as ``python -m gannet serve``, a private Postfix, smtp-source).
 Every run gets a fresh directory ``/tmp/gannet-bench-NAME-XXXX`` (world-
 searchable, so Postfix's and Dovecot's users can reach it), removed at the
@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-import peers  # noqa: E402  (tests/peers.py, found through the line above)
+import peers  # noqa: E402  (tests/peers/, found through the line above)
 
 BENCH_USER = "alice@example.test"
 BENCH_PASSWORD = "bench-password"

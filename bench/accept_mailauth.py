@@ -5,7 +5,7 @@ only `[mailauth] checks` differs. The client (127.0.0.1) is outside
 `trusted_networks` in both, so with checks on every message gets SPF (MAIL
 FROM bench@client.test), DKIM (the message carries an rsa-sha256 signature by
 client.test, made here with dkimpy), DMARC (p=reject, passes) and the
-Authentication-Results header. DNS: a dnsmasq on 127.0.0.53 (tests/peers.py
+Authentication-Results header. DNS: a dnsmasq on 127.0.0.53 (tests/peers/
 DnsServer) serves the records, TTL 300 s; Gannet's resolver caches them, so
 after the first message every check is answered from cache, as the issue asks.
 

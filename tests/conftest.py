@@ -1,4 +1,4 @@
-"""Suite-wide fixtures: real peers from tests/peers.py, wrapped for pytest.
+"""Suite-wide fixtures: real peers from tests/peers/, wrapped for pytest.
 
 - ``tls_certs`` (session): a trustme CA and a server certificate for
   mx.example.test, localhost and 127.0.0.1, written to files.

@@ -1,5 +1,5 @@
 """`gannet serve` on the PostgreSQL queue, end to end: a real server process
-(tests/peers.py GannetProcess) with `[queue] url = "postgresql://…"` on a
+(tests/peers/ GannetProcess) with `[queue] url = "postgresql://…"` on a
 PostgreSQL started from the installed binaries (tests/conftest.py
 `postgres_server`), mail sent with smtplib, delivered by the delivery worker
 into Maildirs; the queue tools and `gannet db migrate` on the same database.

@@ -1,1 +1,1 @@
-"""Interop tests: Gannet against real third-party peers (tests/peers.py starts them)."""
+"""Interop tests: Gannet against real third-party peers (tests/peers/ starts them)."""

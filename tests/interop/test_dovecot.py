@@ -5,7 +5,7 @@ Gannet accepts a message over SMTP (smtplib) and writes it into
 Maildir root (``ROOT/%d/%n``) serves it to imaplib: login, SELECT INBOX,
 FETCH, with the Subject and body intact and the Return-Path and Delivered-To
 that Gannet added. How Dovecot is set up to read root-owned files (it will not
-run as root) is in tests/peers.py, DovecotImap.
+run as root) is in tests/peers/dovecot.py, DovecotImap.
 """
 
 from __future__ import annotations

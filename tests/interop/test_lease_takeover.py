@@ -1,9 +1,9 @@
 """A node that dies mid-delivery and never comes back: another node delivers its mail.
 
-Two `gannet serve` nodes (tests/peers.py GannetProcess) share one PostgreSQL
+Two `gannet serve` nodes (tests/peers/ GannetProcess) share one PostgreSQL
 queue started from the installed binaries (tests/conftest.py
 `postgres_server`), with a short lease (`[queue] lease = "15s"`, renewed every
-5 s). Node A relays to a black hole (tests/peers.py BlackHole: accepts TCP,
+5 s). Node A relays to a black hole (tests/peers/ BlackHole: accepts TCP,
 never greets), so its deliveries hang in flight (5 connections) or wait in
 memory for one (the rest). Node B relays to Postfix's smtp-sink.
 
