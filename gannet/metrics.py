@@ -99,14 +99,13 @@ class DomainLabels:
 class _Tally:
     """Counts of the session path's events, applied to the instruments in bulk (`flush`).
 
-    Why: in multiprocess mode each `inc()` takes a lock, asks the kernel for the
-    process ID and writes a memory-mapped file, and `labels()` builds and looks
-    up a key each time: ~8 % of the server's event-loop time with 50 sessions
-    sending one message per connection (py-spy --native). The events only add
-    up, so they are summed here and applied whenever something reads the
-    metrics (`registry`, `totals`, `labelled` flush first): a reader never sees
-    a stale value. Thread-safe (the lock is uncontended: the loop adds, readers
-    flush)."""
+    Why: in multiprocess mode each `labels().inc()` takes a lock, asks the kernel
+    for the process ID and writes a memory-mapped file: 2.2-3.2 us, ~9 us per
+    message sent on a connection of its own, against ~1.5 us here. The events
+    only add up, so they are summed here and applied whenever something reads
+    the metrics (`registry`, `totals`, `labelled` flush first): a reader never
+    sees a stale value. Thread-safe (the lock is uncontended: the loop adds,
+    readers flush)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
