@@ -52,7 +52,7 @@ from gannet.config import Config, DmarcMode
 from gannet.delivery.dns import Resolver
 from gannet.mailauth import checks as checks_mod
 from gannet.mailauth import spf as spf_mod
-from gannet.mailauth.checks import InboundChecks, Verdict
+from gannet.mailauth.checks import InboundChecks, SpfSource, Verdict
 from gannet.queue.model import Body, InlineBody
 from gannet.smtp.replies import Reply
 
@@ -185,7 +185,7 @@ class ProcessChecks(InboundChecks):
 
     async def finish(
         self,
-        spf_task: asyncio.Future[spf_mod.SpfOutcome] | None,
+        spf: SpfSource,
         body: Body,
         mode: DmarcMode,
         *,
@@ -195,13 +195,13 @@ class ProcessChecks(InboundChecks):
         channel = self._ready_channel()
         if channel is None or not isinstance(body, InlineBody):
             self.in_server += 1
-            return await super().finish(spf_task, body, mode, sender=sender, helo=helo)
-        spf = await self._spf_result(spf_task, sender, helo)
+            return await super().finish(spf, body, mode, sender=sender, helo=helo)
+        outcome = await self._spf_result(spf, sender, helo)
         try:
-            verdict = await channel.ask(_request(spf, body.data, mode, sender, helo))
+            verdict = await channel.ask(_request(outcome, body.data, mode, sender, helo))
         except CheckerLost:
             self.in_server += 1
-            return await super().finish(_resolved(spf), body, mode, sender=sender, helo=helo)
+            return await super().finish(outcome, body, mode, sender=sender, helo=helo)
         self.in_child += 1
         return verdict
 
@@ -294,13 +294,6 @@ def _verdict(fields: tuple[Any, ...]) -> Verdict:
     return Verdict(prepend, value, hostname, refusal, quarantine, summary, reasons)
 
 
-def _resolved(spf: spf_mod.SpfOutcome) -> asyncio.Future[spf_mod.SpfOutcome]:
-    """An SPF outcome already known, in the form `InboundChecks.finish` awaits."""
-    done: asyncio.Future[spf_mod.SpfOutcome] = asyncio.get_running_loop().create_future()
-    done.set_result(spf)
-    return done
-
-
 def from_config(config: Config, clock: Clock | None = None) -> InboundChecks | None:
     """The server's checks: None when `[mailauth] checks = false`; in the server itself when
     `[mailauth] checker_process = false`; else with a child process for the end of data."""
@@ -331,9 +324,7 @@ async def _serve(sock: socket.socket, settings: dict[str, Any]) -> None:
     async def answer(rid: int, request: bytes) -> None:
         result, identity, domain, explanation, data, mode, sender, helo = pickle.loads(request)
         spf = spf_mod.SpfOutcome(spf_mod.SpfResult(result), identity, domain, explanation)
-        verdict = await checks.finish(
-            _resolved(spf), InlineBody(data), DmarcMode(mode), sender=sender, helo=helo
-        )
+        verdict = await checks.finish(spf, InlineBody(data), DmarcMode(mode), sender=sender, helo=helo)
         reply = pickle.dumps(_reply(verdict), protocol=pickle.HIGHEST_PROTOCOL)
         writer.write(FRAME.pack(rid, len(reply)) + reply)
 

@@ -6,7 +6,7 @@ check shares one DNS cache). A session calls:
 - `start_spf(ip, sender, helo)` as soon as MAIL FROM is accepted: a task, so
   the SPF lookups overlap the client's RCPT and DATA (or, for the same
   address, MAIL FROM and HELO within SPF_CACHE_SECONDS, the last result);
-- `finish(spf_task, body, dmarc_mode)` once the message is spooled: parses the
+- `finish(spf, body, dmarc_mode)` once the message is spooled: parses the
   header section once (shared by DKIM, ARC and DMARC), takes every DKIM and
   ARC key and the DMARC record(s) from the resolver's cache, fetching what is
   not cached all at once, verifies (in an executor for messages above
@@ -69,6 +69,10 @@ SPF_CACHE_ENTRIES = 10_000
 MAX_FROM_DOMAINS = 5
 QUARANTINE_FIELD = b"X-Gannet-Quarantine: dmarc\r\n"
 _FORGEABLE = frozenset({b"authentication-results", b"x-gannet-quarantine"})
+
+# What `finish` is given for SPF: the future `start_spf` returned at MAIL FROM, an outcome
+# already known (the checker child gets it from the server), or None (not checked).
+SpfSource = asyncio.Future[spf_mod.SpfOutcome] | spf_mod.SpfOutcome | None
 
 
 @dataclass(slots=True)
@@ -147,7 +151,7 @@ class InboundChecks:
 
     async def finish(
         self,
-        spf_task: asyncio.Future[spf_mod.SpfOutcome] | None,
+        spf: SpfSource,
         body: Body,
         mode: DmarcMode,
         *,
@@ -155,7 +159,7 @@ class InboundChecks:
         helo: str = "",
     ) -> Verdict:
         try:
-            return await self._finish(spf_task, body, mode, sender, helo)
+            return await self._finish(spf, body, mode, sender, helo)
         except Exception as exc:  # fail soft: the message is accepted with what we know
             log.exception("mailauth: checks failed unexpectedly (%r); results recorded as temperror", exc)
             results = [ResInfo(m, "temperror", "internal error") for m in ("spf", "dkim", "dmarc", "arc")]
@@ -163,7 +167,7 @@ class InboundChecks:
 
     async def _finish(
         self,
-        spf_task: asyncio.Future[spf_mod.SpfOutcome] | None,
+        spf_source: SpfSource,
         body: Body,
         mode: DmarcMode,
         sender: str,
@@ -194,7 +198,7 @@ class InboundChecks:
             )
         dkim_keys = {n: known[n] for n in dkim_names}
         arc_keys = {n: known[n] for n in arc_names}
-        spf = await self._spf_result(spf_task, sender, helo)
+        spf = await self._spf_result(spf_source, sender, helo)
 
         dkim_outcomes: list[dkim_verify.DkimOutcome] = []
         arc = arc_verify.ArcOutcome("none")
@@ -241,13 +245,13 @@ class InboundChecks:
             found = known[name] = await txt_records(self.resolver, name)
         return found
 
-    async def _spf_result(
-        self, task: asyncio.Future[spf_mod.SpfOutcome] | None, sender: str, helo: str
-    ) -> spf_mod.SpfOutcome:
-        if task is None:
+    async def _spf_result(self, spf: SpfSource, sender: str, helo: str) -> spf_mod.SpfOutcome:
+        if spf is None:
             identity, domain, _ = spf_mod.identity_for(sender, helo)
             return spf_mod.SpfOutcome(spf_mod.SpfResult.NONE, identity, domain, "not checked")
-        return await task
+        if isinstance(spf, spf_mod.SpfOutcome):
+            return spf
+        return await spf
 
     async def _verify(
         self,
