@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .base import PeerError, need, wait_port
-from .processes import _terminate
+from .processes import _terminate, spawn_logged
 
 DNS_HOST = "127.0.0.53"  # DnsServer's loopback address (not a systemd-resolved stub: the port is ours)
 
@@ -220,14 +220,9 @@ class DnsServer:
         if self.servfail and self._servfail is None:
             self._servfail = _ServfailResponder(self.host)
         self.conf_path.write_text(self.config_text())
-        with open(self.out_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [self.program, "--keep-in-foreground", f"--conf-file={self.conf_path}"],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = spawn_logged(
+            [self.program, "--keep-in-foreground", f"--conf-file={self.conf_path}"], self.out_path
+        )
         try:
             wait_port(self.host, self.port, 10, proc=self.proc, what="dnsmasq")
         except PeerError as exc:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .base import DOVECOT_HOST, PeerError, free_port, need, split_address, wait_for, wait_port
 from .private_root import _PrivateRoot
-from .processes import _alive, _kill_pids, _terminate, descendant_pids
+from .processes import _alive, _kill_pids, _terminate, descendant_pids, spawn_logged
 
 DOVECOT_CONF = """\
 # written by tests/peers/dovecot.py DovecotImap
@@ -184,15 +184,8 @@ class DovecotImap:
 
     def start(self) -> None:
         self.grant_access()
-        out = open(self.root.path / "dovecot.out", "ab")  # noqa: SIM115 (closed below)
-        with out:
-            self.proc = subprocess.Popen(
-                [self.program, "-c", str(self.config_path), "-F"],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        out = self.root.path / "dovecot.out"
+        self.proc = spawn_logged([self.program, "-c", str(self.config_path), "-F"], out)
         try:
             for port, what in ((self.imap_port, "imap"), (self.lmtp_port, "lmtp")):
                 if port:

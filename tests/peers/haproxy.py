@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .base import PeerError, free_port, need, split_address, wait_port
-from .processes import _terminate
+from .processes import _terminate, spawn_logged
 
 HAPROXY_HOST = "127.0.0.8"  # HAProxy's frontend address
 
@@ -99,14 +99,7 @@ class HAProxy:
         )
         if check.returncode != 0:
             raise PeerError(f"haproxy -c refused {self.config_path}:\n{check.stdout}{check.stderr}")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [self.program, "-db", "-f", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = spawn_logged([self.program, "-db", "-f", str(self.config_path)], self.log_path)
         try:
             wait_port(self.host, self.port, 15, proc=self.proc, what="haproxy")
         except PeerError as exc:

@@ -18,6 +18,7 @@ from typing import Any
 
 from .base import PeerError, free_port, need, wait_for, wait_port
 from .private_root import _PrivateRoot
+from .processes import spawn_logged
 
 POSTGRES_HOST = "127.0.0.32"  # PostgresServer's loopback address
 POSTGRES_USER = "gannet"  # the superuser initdb creates; trusted on the socket and on loopback
@@ -110,17 +111,7 @@ class PostgresServer:
         ]
         for name, value in self.settings.items():
             args += ["-c", f"{name}={value}"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd="/",
-                env=self._env(),
-                start_new_session=True,
-                **self._run_as(),
-            )
+        self.proc = spawn_logged(args, self.log_path, cwd="/", env=self._env(), **self._run_as())
         wait_port(self.host, self.port, 30, proc=self.proc, what="postgres")
         wait_for(self._ready, 30, f"postgres to accept connections (log: {self.log_path})")
 

@@ -114,6 +114,23 @@ def raise_nofile(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
+def spawn_logged(
+    args: list[str], log: Path, *, truncate: bool = False, **popen: Any
+) -> subprocess.Popen[Any]:
+    """Start a peer daemon in the foreground, in a session of its own (so a stop
+    reaches nothing else), stdout and stderr into ``log`` (appended unless
+    ``truncate``). ``popen``: further subprocess.Popen arguments (cwd, env …)."""
+    with open(log, "wb" if truncate else "ab") as out:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **popen,
+        )
+
+
 def _terminate(proc: subprocess.Popen[Any], timeout: float) -> int:
     """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit status."""
     if proc.poll() is None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .base import SINK_HOST, PeerError, free_port, need, split_address, wait_for, wait_port
-from .processes import _terminate
+from .processes import _terminate, spawn_logged
 
 
 class SmtpSink:
@@ -61,14 +61,7 @@ class SmtpSink:
             self.start()
 
     def start(self) -> None:
-        with open(self.out_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                self.args,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = spawn_logged(self.args, self.out_path, truncate=True)
         wait_port(self.host, self.port, 10, proc=self.proc, what="smtp-sink")
 
     @property
