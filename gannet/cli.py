@@ -195,7 +195,7 @@ def cmd_deliver_worker(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads go through the parent
     setup_logging(args.log_format, "info")
-    from gannet.delivery.parent_watch import exit_with_parent
+    from gannet.util.parent_watch import exit_with_parent
 
     if not exit_with_parent(args.parent_pid):
         return 0

@@ -205,7 +205,7 @@ class _Reader(ValueReader):
         return host, port
 
     def queue(self, data_dir: Path) -> QueueConfig:
-        keys = {"url", "inline_body_limit", "keep_history", "node", "pool_size", "lease"}
+        keys = {"url", "inline_body_limit", "keep_history", "node", "pool_size", "lease", "writer_process"}
         t = self.table(self.doc, "queue", "queue", keys)
         url = self.string(t, "url", "queue.url", "sqlite:")
         inline = self.size(t, "inline_body_limit", "queue.inline_body_limit", 256 * 1024)
@@ -216,7 +216,8 @@ class _Reader(ValueReader):
         if url.startswith("sqlite:"):
             rest = url[len("sqlite:") :]
             path = self.path(rest) if rest else data_dir / "queue.db"
-            return QueueConfig(url, path, inline, keep_history=keep, lease=lease)
+            process = self.boolean(t, "writer_process", "queue.writer_process", True)
+            return QueueConfig(url, path, inline, keep_history=keep, lease=lease, writer_process=process)
         if url.startswith(("postgresql://", "postgres://")):
             node = self.string(t, "node", "queue.node", "") or _default_node(data_dir)
             if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", node):

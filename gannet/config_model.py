@@ -68,6 +68,9 @@ class QueueConfig:
     # How long a delivery claim lasts unless its worker renews it (every third of it,
     # while it holds the work): a dead worker's mail is free again within about this.
     lease: float = 120.0
+    # SQLite: the server's enqueue transactions run in a child process of their own
+    # (queue/sqlite_enqueue_process.py) instead of a thread sharing the sessions' GIL.
+    writer_process: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ Protocol with the parent (runtime.DeliveryWorker):
   in flight, record them, exit), so no worker outlives its server;
 - SIGTERM: the same graceful stop. A config reload restarts the worker.
   The kernel sends it too when the server dies, even before the pipe is
-  watched (parent_watch.py: a worker waiting for the lock below);
+  watched (gannet/util/parent_watch.py: a worker waiting for the lock below);
 - a graceful stop is bounded (STOP_GRACE, inside the server's own 30 s):
   deliveries still hanging then are abandoned, their leases left to expire
   or to the next worker's release — a server that is gone cannot kill us.

@@ -39,6 +39,7 @@ def make_store(queue: QueueConfig, data_dir: Path, opener: Opener) -> QueueStore
             # Leases are the delivery worker's to release (delivery/worker.py), once it
             # holds the worker lock, i.e. once any previous worker has really exited.
             release_leases_on_open=False,
+            enqueue_process=opener is Opener.SERVER and queue.writer_process,
         )
     try:
         from gannet.queue.postgres import PostgresStore

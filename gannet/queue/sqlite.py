@@ -13,6 +13,12 @@ together cost a handful of fsyncs, not fifty. A method returns only after the
 COMMIT of its batch returned. Spooled body files are read in the default
 executor, never on the loop nor on the writer thread.
 
+The server's store (`enqueue_process=True`) sends enqueues to a writer
+process of their own instead (sqlite_enqueue_process, sqlite_enqueue_child):
+the same transactions, under the same lock, without sharing the sessions' GIL.
+The thread still does everything else, and the enqueues whenever that
+process is not running.
+
 On disk (see docs/queue.md and sqlite_schema):
   <path>, <path>-wal, <path>-shm   the database (schema in sqlite_schema)
   <spool_dir>/…                    large bodies, written and fsync'd by the
@@ -61,6 +67,7 @@ from gannet.queue.model import (
     TraceEvent,
     Transport,
 )
+from gannet.queue.sqlite_enqueue_process import EnqueueProcess, WriterGone
 from gannet.queue.sqlite_reader import Reader
 from gannet.queue.sqlite_schema import connect
 from gannet.queue.sqlite_writer import Job, Writer, WriterStats
@@ -83,13 +90,15 @@ class SqliteStore:
         recover: bool = True,
         release_leases_on_open: bool = True,
         max_batch: int = 512,
+        enqueue_process: bool = False,
     ) -> None:
         """`clock` is read only to date crash-recovery events (open() has no `now`).
         `max_batch` bounds how many requests one transaction carries.
         `release_leases_on_open=False` leaves leases to their owners: for a server
         whose delivery worker releases them itself, once it knows its predecessor
         has exited (it may still be finishing its last writes when the server
-        restarts; releasing them under it would deliver those messages twice)."""
+        restarts; releasing them under it would deliver those messages twice).
+        `enqueue_process=True` runs enqueues in a child process (the server's store)."""
         self.path = Path(path).absolute()
         self.spool_dir = Path(spool_dir).absolute()
         if self.path.is_relative_to(self.spool_dir):
@@ -100,6 +109,8 @@ class SqliteStore:
         self._release_leases = release_leases_on_open
         self._max_batch = max_batch
         self._writer: Writer | None = None
+        self._enqueue_process = enqueue_process
+        self._enqueuer: EnqueueProcess | None = None
         self._closing = False
         self._stats = WriterStats()  # kept across close/open
         # Reads off the writer thread and its lock (sqlite_reader), one Reader per kind:
@@ -107,6 +118,11 @@ class SqliteStore:
         self._readers: dict[str, Reader] = {}
         # Built once: the writer combines consecutive jobs whose `bulk` is the same object.
         self._enqueue_many = partial(ops.enqueue_many, self._ctx)
+
+    @property
+    def enqueue_process(self) -> EnqueueProcess | None:
+        """The enqueue writer process, when this store has one (tests, logs)."""
+        return self._enqueuer
 
     @property
     def stats(self) -> WriterStats:
@@ -142,12 +158,21 @@ class SqliteStore:
             len(found.quarantined),
             found.released_leases,
         )
+        if self._enqueue_process:
+            # After recovery: the child must never race it for a spool file.
+            self._enqueuer = EnqueueProcess(
+                self.path, self.spool_dir, node=self._ctx.node, max_batch=self._max_batch, stats=self._stats
+            )
+            await self._enqueuer.start()
 
     async def close(self) -> None:
         writer = self._writer
         if writer is None or self._closing:
             return
         self._closing = True
+        if self._enqueuer is not None:
+            await self._enqueuer.stop()
+            self._enqueuer = None
         writer.stop()  # the thread finishes what was submitted before this
         await asyncio.get_running_loop().run_in_executor(None, writer.join)
         self._writer = None
@@ -184,6 +209,17 @@ class SqliteStore:
     async def enqueue(self, message: NewMessage) -> None:
         if isinstance(message.body, SpooledBody):
             ops.spool_name(self._ctx, message.body)  # ValueError now, not in the writer
+        enqueuer = self._enqueuer
+        if enqueuer is not None and enqueuer.ready and not self._closing:
+            try:
+                return await enqueuer.enqueue(message)
+            except WriterGone:
+                # The process exited holding it: it committed it or not; look, on the thread.
+                log.warning(
+                    "queue: %s: the enqueue writer process exited; storing it again unless stored",
+                    message.queue_id,
+                )
+                return await self._call(ops.enqueue_unless_stored, message)
         await self._call(ops.enqueue_one, message, self._enqueue_many)
 
     async def claim_due(

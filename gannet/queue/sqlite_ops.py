@@ -186,6 +186,17 @@ def enqueue_one(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, message: NewMessag
     enqueue_many(ctx, conn, txn, [message])
 
 
+_STORED = "SELECT 1 FROM messages WHERE queue_id = ? UNION ALL SELECT 1 FROM completed WHERE queue_id = ?"
+
+
+def enqueue_unless_stored(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, message: NewMessage) -> None:
+    """Enqueue `message` unless it is already here, queued or (delivered since)
+    completed: for a request whose transaction may or may not have committed
+    before the process running it died (sqlite_enqueue_process.WriterGone)."""
+    if conn.execute(_STORED, (message.queue_id, message.queue_id)).fetchone() is None:
+        enqueue_many(ctx, conn, txn, [message])
+
+
 # --- claim ---------------------------------------------------------------------
 
 # The message's columns come with each row (a join), not from one more SELECT

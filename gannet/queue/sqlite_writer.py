@@ -2,7 +2,9 @@
 
 Owns: the only `sqlite3.Connection` of a `SqliteStore`, and the thread it
 lives on. Called only by `gannet.queue.sqlite` (through `Writer.submit`); the
-asyncio event loop never touches the database.
+asyncio event loop never touches the database. The enqueue writer process
+(sqlite_enqueue_child) runs the same transactions without the thread:
+`open_here`, `run_here`, `close_here`.
 
 How it works. Callers put `Job`s (a function of the connection plus an
 asyncio future) on an inbox. The thread takes the first job, then everything
@@ -86,7 +88,9 @@ class WriterStats:
 class Job:
     op: Op
     arg: Any
-    future: asyncio.Future[Any]
+    # Who is waiting: an asyncio.Future (the thread resolves it on its loop), or
+    # in the enqueue process, the request's number (run_here hands it back).
+    future: Any
     bulk: BulkOp | None = None
     # False for work whose loss in a power cut costs nothing (lease claims: a
     # lost claim is simply due again). A transaction made only of such jobs
@@ -95,8 +99,8 @@ class Job:
     durable: bool = True
 
 
-# (future, result, exception) triples handed back to an event loop.
-_Resolution = tuple["asyncio.Future[Any]", Any, BaseException | None]
+# (Job.future, result, exception) triples: handed back to an event loop, or by run_here.
+_Resolution = tuple[Any, Any, BaseException | None]
 # What a transaction leaves for Writer._finish: its resolutions, its Txn, committed or not.
 _Finished = tuple[list[_Resolution], Txn, bool]
 
@@ -122,7 +126,10 @@ class Writer:
         name: str = "",
         stats: WriterStats | None = None,
         lock_path: Path | None = None,
+        on_commit: Callable[[float, bool], None] = metrics.store_commit,
     ) -> None:
+        """`on_commit(seconds, fsync)` is told how long each COMMIT that changed
+        the database took (the metrics histogram, unless the caller collects them)."""
         self._connect = connect
         self._max_batch = max_batch
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -132,6 +139,7 @@ class Writer:
         self._synchronous_full = True  # what connect() sets
         self._lock_path = lock_path
         self._lock_fd = -1
+        self._on_commit = on_commit
         self.stats = stats if stats is not None else WriterStats()
 
     def start(self) -> None:
@@ -147,15 +155,48 @@ class Writer:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
+    # --- without the thread (the enqueue writer process) ---------------------
+
+    def open_here(self) -> None:
+        """Open the connection and the process lock on the calling thread; raises."""
+        self._open()
+        if self._connect_error is not None:
+            raise self._connect_error
+
+    def run_here(self, jobs: Sequence[Job]) -> list[_Resolution]:
+        """Run `jobs` now, on the calling thread, as the writer thread would
+        (group commit, savepoints, the process lock, after-commit actions), and
+        return the (job.future, result, error) triples instead of resolving them."""
+        conn = self._conn
+        if conn is None:
+            raise QueueError("the queue database is not open")
+        cpu_start = time.thread_time()
+        out: list[_Resolution] = []
+        pending: Sequence[Job] = jobs
+        try:
+            while pending:
+                with self._process_lock():
+                    pending, finished = self._one_transaction(conn, pending)
+                out += self._finish(*finished)
+        finally:
+            self.stats.cpu_seconds += time.thread_time() - cpu_start
+        return out
+
+    def close_here(self) -> None:
+        self._close()
+
     # --- the thread -------------------------------------------------------
 
-    def _main(self) -> None:
+    def _open(self) -> None:
         try:
             self._conn = self._connect()
             if self._lock_path is not None:
                 self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except BaseException as exc:  # reported to every job; the thread still drains
             self._connect_error = exc
+
+    def _main(self) -> None:
+        self._open()
         stopping = False
         while not stopping:
             batch: list[Job] = []
@@ -219,7 +260,7 @@ class Writer:
                 pending, finished = self._one_transaction(conn, pending)
             # Outside the lock: removing body files and waking the callers need not
             # keep the other process's commit waiting.
-            self._finish(*finished)
+            _resolve(self._finish(*finished))
 
     def _one_transaction(
         self, conn: sqlite3.Connection, pending: Sequence[Job]
@@ -293,13 +334,13 @@ class Writer:
             _rollback_quietly(conn)
             return False
         if conn.total_changes != changes_before:
-            metrics.store_commit(time.perf_counter() - started, fsync=self._synchronous_full)
+            self._on_commit(time.perf_counter() - started, self._synchronous_full)
             self.stats.commits += 1
             if not self._synchronous_full:
                 self.stats.unsynced_commits += 1
         return True
 
-    def _finish(self, done: list[_Resolution], txn: Txn, committed: bool) -> None:
+    def _finish(self, done: list[_Resolution], txn: Txn, committed: bool) -> list[_Resolution]:
         if committed:
             for action in txn.after_commit:
                 try:
@@ -309,7 +350,7 @@ class Writer:
         self.stats.batches += 1
         self.stats.jobs += len(done)
         self.stats.max_batch = max(self.stats.max_batch, len(done))
-        _resolve(done)
+        return done
 
     @staticmethod
     def _run_jobs(conn: sqlite3.Connection, txn: Txn, jobs: Sequence[Job], done: list[_Resolution]) -> None:

@@ -22,7 +22,8 @@ from gannet.queue.postgres import PostgresStore
 from gannet.queue.sqlite import SqliteStore
 from gannet.queue.store import QueueStore
 
-BACKENDS = ["sqlite", "postgres"]
+# "sqlite-process": the server's SqliteStore, whose enqueues run in a writer process.
+BACKENDS = ["sqlite", "sqlite-process", "postgres"]
 
 
 @dataclass
@@ -38,9 +39,13 @@ class StoreEnv:
 
     def make(self, *, recover: bool = True) -> QueueStore:
         """A new, not yet opened, store on this environment's storage."""
-        if self.backend == "sqlite":
+        if self.backend in ("sqlite", "sqlite-process"):
             return SqliteStore(
-                self.root / "queue.db", spool_dir=self.spool_dir, node="test", recover=recover
+                self.root / "queue.db",
+                spool_dir=self.spool_dir,
+                node="test",
+                recover=recover,
+                enqueue_process=self.backend == "sqlite-process",
             )
         if self.backend == "postgres":
             return PostgresStore(self.url, spool_dir=self.spool_dir, node="test", recover=recover)

@@ -42,6 +42,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
     assert cfg.smtp.bare_newline is BareNewlinePolicy.REJECT
     assert cfg.postmaster == "postmaster@example.test"
     assert cfg.mailauth.checks and cfg.mailauth.checker_process
+    assert cfg.queue.writer_process
 
 
 def test_durations_sizes_and_ipv6_listeners(tmp_path: Path) -> None:
@@ -100,6 +101,7 @@ bare_newline = "normalize"
         ("[delivery]\ndestination_concurrency = 0\n", "delivery.destination_concurrency", "out of range"),
         ('[delivery]\nconnection_cache_time = "soon"\n', "delivery.connection_cache_time", "not a duration"),
         ('[mailauth]\nchecker_process = "yes"\n', "mailauth.checker_process", "true or false"),
+        ("[queue]\nwriter_process = 1\n", "queue.writer_process", "true or false"),
     ],
 )
 def test_each_error_names_file_key_and_reason(tmp_path: Path, extra: str, key: str, reason: str) -> None:

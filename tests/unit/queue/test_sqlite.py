@@ -94,9 +94,7 @@ async def test_body_file_names_spooled_bodies_only(store: SqliteStore, tmp_path:
     assert path is not None and path.read_bytes() == await store.read_body(big.queue_id)
 
 
-async def test_two_stores_on_one_database_take_turns_without_busy_errors(
-    tmp_path: Path
-) -> None:
+async def test_two_stores_on_one_database_take_turns_without_busy_errors(tmp_path: Path) -> None:
     """The server and its delivery worker share the database: their writers
     serialize on a blocking lock, so neither sees SQLITE_BUSY or sleeps in
     SQLite's busy handler."""
@@ -121,9 +119,7 @@ async def test_two_stores_on_one_database_take_turns_without_busy_errors(
         await a.close()
 
 
-async def test_enqueues_that_pile_up_are_committed_together(
-    store: SqliteStore
-) -> None:
+async def test_enqueues_that_pile_up_are_committed_together(store: SqliteStore) -> None:
     """While a transaction runs, 50 enqueues arrive: the next transaction takes
     them all, and none of them returns before that commit."""
     gate, blocker = await occupy_writer(store)
@@ -154,9 +150,7 @@ async def test_records_are_batched_too(store: SqliteStore) -> None:
     commits = store.stats.commits
     records = [
         asyncio.ensure_future(
-            store.record(
-                [RecipientOutcome(r.recipient_id, r.lease_token, Deferred("451", T0 + 9), T0)]
-            )
+            store.record([RecipientOutcome(r.recipient_id, r.lease_token, Deferred("451", T0 + 9), T0)])
         )
         for c in claims
         for r in c.recipients
@@ -463,8 +457,8 @@ from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, SpooledBody, Transport
 from gannet.queue.sqlite import SqliteStore
 
-async def main(db, spool):
-    store = SqliteStore(Path(db), spool_dir=Path(spool))
+async def main(db, spool, writer):
+    store = SqliteStore(Path(db), spool_dir=Path(spool), enqueue_process=writer == "process")
     await store.open()
     rcpt = (NewRecipient("bob@b.test", Transport.SMTP, "b.test"),)
 
@@ -488,18 +482,21 @@ async def main(db, spool):
 
     await asyncio.gather(*(session(n) for n in range(8)))
 
-asyncio.run(main(sys.argv[1], sys.argv[2]))
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
 """
 
 
-async def test_a_sigkilled_process_loses_no_acknowledged_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_a_sigkilled_process_loses_no_acknowledged_message(tmp_path: Path, writer: str) -> None:
+    """The server SIGKILLed while eight sessions enqueue; with `process`, its
+    enqueue writer process dies with it (prctl), at whatever point it was."""
     db, spool = tmp_path / "queue.db", tmp_path / "spool"
     root = Path(gannet.__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root))
     seed = random.randrange(1 << 30)
     wanted = random.Random(seed).randrange(100, 800)
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(db), str(spool)],
+        [sys.executable, "-c", CHILD, str(db), str(spool), writer],
         stdout=subprocess.PIPE,
         env=env,
     )

@@ -1,4 +1,8 @@
-"""The delivery worker ends with its server: `exit_with_parent` at start-up.
+"""A child process ends with its server: `exit_with_parent` at start-up.
+
+Used by the delivery worker (SIGTERM: a graceful stop) and the queue's enqueue
+writer process (SIGKILL: nobody waits for its answers any more, and it must
+not commit anything after a restarted server's crash recovery has begun).
 
 Why: the worker learns of its server's end by EOF on the wake pipe, but only
 once it watches the pipe — after it took `data_dir/delivery.lock` and opened
@@ -32,21 +36,23 @@ import logging
 import os
 import signal
 
-log = logging.getLogger("gannet.delivery")
+log = logging.getLogger("gannet")
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def exit_with_parent(parent_pid: int | None) -> bool:
-    """Ask for SIGTERM when the parent dies. False when it is already gone (the
+def exit_with_parent(
+    parent_pid: int | None, *, sig: signal.Signals = signal.SIGTERM, who: str = "delivery worker"
+) -> bool:
+    """Ask for `sig` when the parent dies. False when it is already gone (the
     caller exits at once); True otherwise, prctl or not."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-    except (OSError, AttributeError) as exc:  # no prctl here: the wake pipe's EOF still stops us later
-        log.warning("delivery worker: cannot ask to be stopped with the server (prctl: %s)", exc)
+    except (OSError, AttributeError) as exc:  # no prctl here: EOF from the server still stops us later
+        log.warning("%s: cannot ask to be stopped with the server (prctl: %s)", who, exc)
     if parent_pid is not None and os.getppid() != parent_pid:
-        log.error("delivery worker: the server (pid %d) is gone already; exiting", parent_pid)
+        log.error("%s: the server (pid %d) is gone already; exiting", who, parent_pid)
         return False
     return True
