@@ -105,19 +105,15 @@ def _receive(sock: socket.socket, frames: wire.FrameBuffer) -> tuple[list[Any], 
     """Wait for at least one request, then take everything else already sent
     (that is the group in group commit). Returns (requests, still open)."""
     requests: list[Any] = []
-    sock.setblocking(True)
-    while not requests:
-        data = sock.recv(RECV_SIZE)
-        if not data:
-            return requests, False
-        requests += frames.feed(data)
-    sock.setblocking(False)
+    flags = 0  # block for the first request only
     try:
         while True:
-            data = sock.recv(RECV_SIZE)
+            data = sock.recv(RECV_SIZE, flags)
             if not data:
                 return requests, False
             requests += frames.feed(data)
+            if requests:
+                flags = socket.MSG_DONTWAIT
     except BlockingIOError:
         return requests, True
 
