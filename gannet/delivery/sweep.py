@@ -15,6 +15,8 @@ Each pass (every `interval`, and once at start):
 3. Old history: messages that left the queue more than `keep_history` ago
    are forgotten (their `gannet trace`), PRUNE_BATCH per transaction so that
    the writer is never held for long. The hot path never deletes history.
+   Whatever `keep_history` says, a message stays known for HISTORY_FLOOR
+   after it left: see there.
 
 Held messages are the postmaster's: the sweep leaves them alone. Must never
 raise out of `run()`: a failed pass is logged and tried again next time.
@@ -41,6 +43,11 @@ log = logging.getLogger("gannet.delivery.sweep")
 OWNER = "sweep"
 BATCH = 500
 PRUNE_BATCH = 1000
+# A session whose enqueue writer process died mid-commit asks the store
+# whether its message got in (enqueue_unless_stored: queued, or completed
+# since). A message delivered and forgotten in that moment would be stored
+# and delivered twice, so even `keep_history = 0` keeps this much.
+HISTORY_FLOOR = 60.0
 
 
 @dataclass(slots=True)
@@ -140,7 +147,8 @@ class Sweep:
             return 0
         pruned = 0
         while not self._stopping.is_set():
-            n = await self._store.prune_history(now - self._keep_history, limit=PRUNE_BATCH)
+            before = now - max(self._keep_history, HISTORY_FLOOR)
+            n = await self._store.prune_history(before, limit=PRUNE_BATCH)
             pruned += n
             if n < PRUNE_BATCH:
                 break

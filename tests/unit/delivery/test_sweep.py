@@ -2,7 +2,9 @@
 with a FakeClock: expired mail fails with 4.4.7 and its sender gets the DSN,
 whatever its next attempt says; held mail is left alone; claims stuck past
 their lease (plus `grace`) are released and the delivery loops woken; a pass
-with nothing to do does nothing; a failing pass never ends `run()`."""
+with nothing to do does nothing; a failing pass never ends `run()`; finished
+messages' history is forgotten after `keep_history`, never sooner than
+HISTORY_FLOOR."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import pytest
 from gannet.clock import FakeClock
 from gannet.config import DeliveryConfig
 from gannet.delivery.bounces import Bounces
-from gannet.delivery.sweep import Sweep, SweepResult
-from gannet.queue.model import Claim, Deferred, QueueError, RecipientOutcome, RecipientState
+from gannet.delivery.sweep import HISTORY_FLOOR, Sweep, SweepResult
+from gannet.queue.model import Claim, Deferred, Delivered, QueueError, RecipientOutcome, RecipientState
 from gannet.smtp.events import Notify
 
 from .relay_helpers import (
@@ -177,5 +179,32 @@ async def test_a_failed_pass_does_not_end_run(tmp_path: Path) -> None:
         assert not task.done()
         sweep.stop()
         await asyncio.wait_for(task, 10)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("keep_history", [0.0, HISTORY_FLOOR / 2, 3 * HISTORY_FLOOR])
+async def test_history_is_forgotten_after_keep_history_never_before_the_floor(
+    tmp_path: Path, keep_history: float
+) -> None:
+    """The floor is what makes enqueue_unless_stored safe: a message delivered
+    in the moment its enqueue writer died must still be found as completed."""
+    store = await open_store(tmp_path)
+    try:
+        clock = FakeClock(T0)
+        sweep = Sweep(store, delivery=CONFIG, clock=clock, bounces=None, keep_history=keep_history)
+        await store.enqueue(smtp_message("GONE", "bob@remote.test", received_at=T0))
+        claim = await claim_one(store, T0)
+        await store.record([RecipientOutcome(r.recipient_id, r.lease_token, Delivered("250 ok"), T0)
+                            for r in claim.recipients])  # fmt: skip
+        assert await store.list_messages() == []
+
+        kept_for = max(keep_history, HISTORY_FLOOR)
+        clock.advance(kept_for - 1)
+        assert (await sweep.once()).pruned == 0
+        assert await store.trace("GONE")
+        clock.advance(2)
+        assert (await sweep.once()).pruned == 1
+        assert await store.trace("GONE") == []
     finally:
         await store.close()
