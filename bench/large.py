@@ -16,6 +16,8 @@ DATA); then the prepared bytes and the final "." are written raw
   250 (the accept path), and of the server and its delivery worker together
   up to the delivery into the Maildir; also the growth of the server's
   VmHWM (the kernel's own peak) over the whole span.
+- `--queue-url postgres`: the same against Gannet on a private PostgreSQL
+  (the body goes into the database, and back out into a file for delivery).
 - Postfix, side by side: the same session against a private Postfix
   (message_size_limit raised to 100 MiB), with the summed RSS of its
   processes for reference.
@@ -111,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=float, default=50, help="message size in MiB (default 50)")
     parser.add_argument("--no-postfix", action="store_true", help="Gannet only")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
+    parser.add_argument("--queue-url", metavar="URL",
+                        help="Gannet's queue: postgres (a private PostgreSQL) or a postgresql:// URL; "
+                             "default SQLite (see _common.BenchQueue)")
     args = parser.parse_args(argv)
+    queue = _common.BenchQueue(args.queue_url)
     if not args.no_postfix:
         _common.require("postfix")
     size = int(args.size_mib * 1024 * 1024)
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     work = _common.workdir("large")
     try:
-        g = _common.start_gannet(work, smtp={"max_message_size": limit})
+        g = _common.start_gannet(work, smtp={"max_message_size": limit}, queue_url=queue.url("large"))
         try:
             new = g.maildir(_common.BENCH_USER) / "new"
             rss0, tree0 = peers.rss_kib(g.pid), peers.tree_rss_kib(g.pid)
@@ -129,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                     Sampler(lambda: peers.tree_rss_kib(g.pid), interval=0.01) as tree:
                 to_250, to_file, at_250 = send_large(*g.address(), message, new)
             hwm = peers.status_kib(g.pid, "VmHWM")
-            rows.append(["gannet", size / 2**20, to_250, size / 2**20 / to_250, to_file, tree0 / 1024,
-                         (rss.peak(at_250) - rss0) / 1024, (tree.peak() - tree0) / 1024,
+            rows.append([f"gannet ({queue.label})", size / 2**20, to_250, size / 2**20 / to_250, to_file,
+                         tree0 / 1024, (rss.peak(at_250) - rss0) / 1024, (tree.peak() - tree0) / 1024,
                          (hwm - hwm0) / 1024])
         finally:
             g.stop()

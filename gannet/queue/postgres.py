@@ -14,12 +14,15 @@ How (docs/queue.md "PostgreSQL store"):
   sessions' messages in one transaction, each caller answered after COMMIT.
 - Bodies live in the database (`bodies` rows), small and spooled alike: any
   node can deliver any message, and a node's disk holds nothing the cluster
-  needs. A spooled body is read off the spool file (in an executor), copied
-  in the enqueue transaction, and its file removed after that COMMIT.
-  `body_file` is therefore always None: callers use read_body. A small body
-  (≤ 64 KiB) comes with its claim, in the same statement, and read_body
-  hands it out once from memory (`Prefetched`): the delivery that follows a
-  claim would otherwise cost a round trip per message.
+  needs. A spooled body is copied from its spool file in CHUNK rows (COPY,
+  the file read in an executor, never whole in memory) in the enqueue
+  transaction, and its file removed after that COMMIT.
+  A small body (≤ 64 KiB) comes with its claim, in the same statement, and
+  read_body hands it out once from memory (`Prefetched`): the delivery that
+  follows a claim would otherwise cost a round trip per message. A larger
+  one is copied row by row into a file under the spool directory when
+  delivery asks for `body_file` (postgres_body_files), so that it streams
+  from there as from the SQLite store's spool: never whole in memory.
 - Claims: `FOR UPDATE SKIP LOCKED` + a lease (owner, token, until) in one
   statement, committed with `synchronous_commit = off` (a claim lost in a
   database crash is simply due again). A lease that expires is claimable by
@@ -51,7 +54,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -73,7 +76,8 @@ from gannet.queue.model import (
     TraceEvent,
     Transport,
 )
-from gannet.queue.postgres_schema import CHUNK, migrate
+from gannet.queue.postgres_body_files import BodyFiles
+from gannet.queue.postgres_schema import migrate
 from gannet.queue.postgres_writer import EnqueueWriter, WriterStats
 
 log = logging.getLogger("gannet.queue")
@@ -92,6 +96,8 @@ class Mode(enum.Enum):
 POOL_TIMEOUT = 10.0  # seconds to wait for a connection (the database is down or the pool exhausted)
 PREFETCH_BODY = 64 * 1024  # bodies up to this size come with their claim (one round trip fewer each)
 PREFETCH_BUDGET = 16 * 1024 * 1024  # at most this much prefetched content held, the oldest dropped first
+BODY_FILE_ABOVE = PREFETCH_BODY  # body_file copies larger bodies into files (postgres_body_files)
+BODY_FILES = "delivery"  # where, under the spool directory
 
 
 class Prefetched:
@@ -156,6 +162,7 @@ class PostgresStore:
         self._writer: EnqueueWriter | None = None
         self._stats = WriterStats()  # kept across close/open
         self._prefetched = Prefetched(PREFETCH_BUDGET)
+        self._body_files = BodyFiles(self.spool_dir / BODY_FILES)
 
     @property
     def stats(self) -> WriterStats:
@@ -239,8 +246,9 @@ class PostgresStore:
         await writer.submit(prepared)
 
     async def _prepare(self, message: NewMessage) -> ops.Prepared:
-        """The message with its content in memory, in bodies-row chunks. Checks first
-        what would be a caller's bug (ValueError), before anything is stored."""
+        """The message with its content: in memory as bodies rows, or its spool
+        file, copied row by row in the enqueue transaction. Checks first what
+        would be a caller's bug (ValueError), before anything is stored."""
         if not message.recipients:
             raise ValueError(f"message {message.queue_id} has no recipients")
         body = message.body
@@ -253,14 +261,12 @@ class PostgresStore:
         ):
             raise ValueError(f"spooled body {body.path} is not inside {self.spool_dir}")
         try:
-            data = await asyncio.get_running_loop().run_in_executor(None, body.path.read_bytes)
+            size = (await asyncio.get_running_loop().run_in_executor(None, body.path.stat)).st_size
         except OSError as exc:
             raise QueueError(f"{message.queue_id}: cannot read the spooled body: {exc}") from exc
-        if len(data) != body.size:
-            raise QueueError(f"{message.queue_id}: spool file has {len(data)} bytes, not {body.size}")
-        view = memoryview(data)  # slices without copies: a body may be tens of MB
-        chunks = tuple(view[i : i + CHUNK] for i in range(0, len(data), CHUNK)) or (b"",)
-        return ops.Prepared(message, chunks)
+        if size != body.size:
+            raise QueueError(f"{message.queue_id}: spool file has {size} bytes, not {body.size}")
+        return ops.Prepared(message, (), spool=body.path)
 
     async def claim_due(
         self,
@@ -283,15 +289,28 @@ class PostgresStore:
             return prefetched
         size, data = await self._run(views.read_body, queue_id, mode=Mode.STATEMENT)
         if len(data) != size:
-            problem = f"the stored body has {len(data)} bytes, {size} were accepted"
-            await self._run(ops.quarantine, queue_id, problem, self._clock())
-            raise QueueError(f"{queue_id}: {problem}")
+            await self._bad_body(queue_id, len(data), size)
         return data
 
     async def body_file(self, queue_id: str) -> Path | None:
-        # Bodies are rows, never files: callers read them with read_body.
-        await self._run(views.read_size, queue_id, mode=Mode.STATEMENT)  # NoSuchMessage, as the contract says
-        return None
+        # NoSuchMessage, as the contract says
+        size = await self._run(views.read_size, queue_id, mode=Mode.STATEMENT)
+        if size <= BODY_FILE_ABOVE:
+            return None  # small: read_body has it in one round trip, or from its claim
+        path, found = await self._run(self._copy_body, queue_id, size, mode=Mode.STATEMENT)
+        if path is None:
+            await self._bad_body(queue_id, found, size)
+        return path
+
+    async def _copy_body(self, conn: ops.Conn, queue_id: str, size: int) -> tuple[Path | None, int]:
+        return await self._body_files.copy(queue_id, size, views.body_rows(conn, queue_id))
+
+    async def _bad_body(self, queue_id: str, found: int, size: int) -> NoReturn:
+        """The stored rows do not hold what was accepted: quarantine the message."""
+        await self._run(views.read_size, queue_id, mode=Mode.STATEMENT)  # deleted meanwhile: NoSuchMessage
+        problem = f"the stored body has {found} bytes, {size} were accepted"
+        await self._run(ops.quarantine, queue_id, problem, self._clock())
+        raise QueueError(f"{queue_id}: {problem}")
 
     async def record(
         self, outcomes: Sequence[RecipientOutcome], enqueue: Sequence[NewMessage] = ()
@@ -300,6 +319,7 @@ class PostgresStore:
         completed = await self._run(ops.record, self.node, tuple(outcomes), follow_ups)
         for qid in completed:
             self._prefetched.take(qid)
+        await self._body_files.forget(completed)
         for p in follow_ups:
             if isinstance(p.message.body, SpooledBody):
                 _unlink(p.message.body.path)
@@ -352,6 +372,7 @@ class PostgresStore:
     async def delete(self, queue_id: str, now: float) -> None:
         self._prefetched.take(queue_id)
         await self._run(ops.delete, queue_id, now)
+        await self._body_files.forget([queue_id])
 
     async def trace(self, key: str) -> list[TraceEvent]:
         return await self._run(views.trace, key)

@@ -15,7 +15,9 @@ Invariants:
   has returned: "250" follows durability. A caller that goes away meanwhile
   (the client hung up) does not undo the commit: at worst a duplicate.
 - A batch is ONE statement (postgres_ops.insert_messages) in autocommit mode:
-  its own transaction, one round trip, one WAL flush.
+  its own transaction, one round trip, one WAL flush. A batch holding a
+  spooled body is a transaction of two: its bodies copied from their files
+  (postgres_ops.copy_spooled_bodies), then that statement.
 - A message that fails (duplicate queue ID) fails alone: the batch is retried
   one message per transaction, and the others still commit.
 - A connection or server failure fails every message of that batch with
@@ -130,7 +132,7 @@ class EnqueueWriter:
             try:
                 # One statement in autocommit mode: its own transaction (postgres_ops).
                 async with self._pool.connection() as conn:
-                    await ops.insert_messages(conn, self._node, [p for p, _f in batch])
+                    await _insert(conn, self._node, [p for p, _f in batch])
                 failures: dict[int, BaseException] = {}
             except psycopg.Error as exc:
                 if len(batch) == 1 or isinstance(exc, _DEAD_CONNECTION):
@@ -167,7 +169,7 @@ class EnqueueWriter:
         async with self._pool.connection() as conn:
             for i, (prepared, _future) in enumerate(batch):
                 try:
-                    await ops.insert_messages(conn, self._node, [prepared])
+                    await _insert(conn, self._node, [prepared])
                 except _DEAD_CONNECTION:
                     raise
                 except psycopg.Error as exc:
@@ -175,6 +177,15 @@ class EnqueueWriter:
                     reason = "duplicate queue ID" if _duplicate(exc) else str(exc)
                     failures[i] = QueueError(f"{qid}: {reason}")
         return failures
+
+
+async def _insert(conn: psycopg.AsyncConnection[TupleRow], node: str, batch: list[ops.Prepared]) -> None:
+    if not any(p.spool is not None for p in batch):
+        await ops.insert_messages(conn, node, batch)
+        return
+    async with conn.transaction():
+        await ops.copy_spooled_bodies(conn, batch)
+        await ops.insert_messages(conn, node, batch)
 
 
 def _duplicate(exc: psycopg.Error) -> bool:

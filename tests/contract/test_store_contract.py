@@ -524,6 +524,7 @@ async def test_a_spooled_body_is_kept_and_removed_with_the_message(
     assert c.size == len(data)
     assert await store.record([outcome(c, Delivered())]) == [m.queue_id]
     assert not body.path.exists()
+    assert source is None or not source.exists()  # nothing of a completed message stays on disk
 
     body2 = spool(store_env, data)
     m2 = NewMessage(new_queue_id(), "a@a.test", (rcpt("b@b.test"),), body2, T0)

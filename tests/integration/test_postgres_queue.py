@@ -46,7 +46,8 @@ def test_serve_accepts_and_delivers_through_postgres(
         send(proc, "alice@example.test" if i % 2 else "bob@example.test", f"m{i}@pg.test") for i in range(40)
     ]
     big = "x" * 76 + "\r\n"
-    sent.append(send(proc, "alice@example.test", "big@pg.test", big * 4000))  # ~310 KB: spooled
+    # ~1.25 MB: spooled on the way in, streamed out of a copy on the way to the Maildir
+    sent.append(send(proc, "alice@example.test", "big@pg.test", big * 16000))
     maildir = proc.workdir / "mail"
     peers.wait_for(
         lambda: len(peers.maildir_files(maildir)) >= len(sent), 60, f"{len(sent)} messages in {maildir}"
@@ -54,14 +55,16 @@ def test_serve_accepts_and_delivers_through_postgres(
     counts = Counter(peers.message_ids(peers.maildir_files(maildir)))
     assert counts == Counter(f"<{m}>" for m in sent)
     delivered_big = next(p for p in peers.maildir_files(maildir) if b"big@pg.test" in p.read_bytes())
-    assert delivered_big.read_bytes().count(b"x" * 76) == 4000
+    assert delivered_big.read_bytes().count(b"x" * 76) == 16000
     # The queue is empty, every message is in `completed`, and nothing is left on this node's disk.
     peers.wait_for(
         lambda: postgres_server.sql("SELECT count(*) FROM messages", name) == [(0,)], 30, "the queue to empty"
     )
     assert postgres_server.sql("SELECT count(*) FROM completed", name) == [(len(sent),)]
     assert postgres_server.sql("SELECT count(*) FROM bodies", name) == [(0,)]
-    assert list((proc.workdir / "var" / "spool").iterdir()) == []
+    spool = proc.workdir / "var" / "spool"
+    assert (spool / "delivery").is_dir()  # the large body went through a copy …
+    assert [p for p in spool.rglob("*") if p.is_file()] == []  # … removed with its message
     listed = proc.cli("queue", "list", "--json")
     assert json.loads(listed.stdout) == []
     assert "as node node-a (schema 1→current" in proc.log_text()  # found it migrated

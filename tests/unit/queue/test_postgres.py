@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import random
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -217,7 +219,11 @@ async def test_a_spooled_body_goes_into_the_database_and_any_node_reads_it(
     await a.enqueue(m)
     assert not path.exists()  # copied into the database by the commit; the file was only its way in
     assert await b.read_body(m.queue_id) == data  # another node, another disk
-    assert await b.body_file(m.queue_id) is None  # never a file: read_body is the way
+    # For delivery to stream: a copy on the asking node's disk, made once.
+    copy = await b.body_file(m.queue_id)
+    assert copy is not None and copy.is_relative_to(b.spool_dir) and copy.read_bytes() == data
+    os.utime(copy, (1e9, 1e9))
+    assert await b.body_file(m.queue_id) == copy and copy.stat().st_mtime > 1e9  # reused, touched
 
     async def chunks(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> list[tuple[object, ...]]:
         cur = await conn.execute(
@@ -226,6 +232,47 @@ async def test_a_spooled_body_goes_into_the_database_and_any_node_reads_it(
         return await cur.fetchall()
 
     assert await b.testing_call(chunks) == [(0, CHUNK), (1, CHUNK), (2, 12345)]
+    (c,) = await claim(b)
+    assert await b.record(outcomes(c, Delivered())) == [m.queue_id]
+    assert not copy.exists()  # the message is complete: its copy goes with it
+
+
+async def test_large_bodies_are_never_whole_in_memory(nodes: Nodes) -> None:
+    """Enqueue (spool file → rows) and body_file (rows → file) move a 24 MiB
+    body one CHUNK at a time; reading either whole would show here."""
+    a = await nodes()
+    size = 24 * CHUNK
+    path = a.spool_dir / "incoming-big"
+    with path.open("wb") as f:
+        for i in range(24):
+            f.write(bytes([65 + i]) * CHUNK)
+    m = NewMessage(new_queue_id(), "a@a.test", (NewRecipient("b@b.test", Transport.SMTP, "b.test"),),
+                   SpooledBody(path, size), T0)  # fmt: skip
+    tracemalloc.start()
+    try:
+        await a.enqueue(m)
+        copy = await a.body_file(m.queue_id)
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * CHUNK, f"peak {peak} bytes of Python memory for a {size}-byte body"
+    assert copy is not None and copy.stat().st_size == size
+    with copy.open("rb") as f:
+        assert [f.read(CHUNK)[:1] for _ in range(24)] == [bytes([65 + i]) for i in range(24)]
+
+
+async def test_a_spooled_body_commits_beside_a_failing_message_of_its_batch(nodes: Nodes) -> None:
+    a = await nodes()
+    first = message()
+    await a.enqueue(first)
+    path = a.spool_dir / "incoming-2"
+    data = b"Subject: big\r\n\r\n" + b"z" * (CHUNK + 7)
+    path.write_bytes(data)
+    spooled = NewMessage(new_queue_id(), "a@a.test", first.recipients, SpooledBody(path, len(data)), T0)
+    duplicate = NewMessage(first.queue_id, "a@a.test", first.recipients, InlineBody(b"x\r\n"), T0)
+    results = await asyncio.gather(a.enqueue(spooled), a.enqueue(duplicate), return_exceptions=True)
+    assert results[0] is None and isinstance(results[1], QueueError)
+    assert await a.read_body(spooled.queue_id) == data and not path.exists()
 
 
 async def test_a_small_body_comes_with_its_claim_and_is_read_from_it_once(nodes: Nodes) -> None:
@@ -261,6 +308,22 @@ async def test_a_lost_body_row_quarantines_the_message(nodes: Nodes) -> None:
     view = await a.get_message(m.queue_id)
     assert view.quarantined and view.history[-1].event == "quarantined"
     assert await claim(a) == []
+
+
+async def test_a_short_large_body_is_quarantined_and_leaves_no_copy(nodes: Nodes) -> None:
+    a = await nodes()
+    m = NewMessage(new_queue_id(), "a@a.test", message().recipients, InlineBody(b"w" * (2 * CHUNK)), T0)
+    await a.enqueue(m)
+
+    async def truncate(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+        await conn.execute("UPDATE bodies SET data = substring(data from 1 for 100) WHERE queue_id = %s",
+                           (m.queue_id,))  # fmt: skip
+
+    await a.testing_call(truncate)
+    with pytest.raises(QueueError, match="bytes"):
+        await a.body_file(m.queue_id)
+    assert (await a.get_message(m.queue_id)).quarantined
+    assert [p for p in a.spool_dir.rglob("*") if p.is_file()] == []
 
 
 # --- durability and group commit ----------------------------------------------------------
