@@ -3,6 +3,11 @@
 Modes (CONTRACT.md): mx (port 25 semantics), submission (STARTTLS then AUTH
 required), submissions (implicit TLS, RFC 8314), lmtp (RFC 2033). Sessions are
 tracked so that a graceful stop can ask each to finish and wait for them.
+
+An implicit-TLS listener is bound with the TLS context of its start, but
+every handshake on it switches to the context in force (`_in_force`), so a
+certificate renewed and reloaded with SIGHUP reaches port 465 as it reaches
+STARTTLS, without closing the socket.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 
 from gannet.config import Listener, ListenMode
 from gannet.server.services import Services
@@ -31,6 +37,8 @@ class Listeners:
         for listener in self.services.config.listen:
             implicit = listener.mode is ListenMode.SUBMISSIONS
             ctx = self.services.tls_context if implicit else None
+            if ctx is not None:
+                ctx.sni_callback = self._in_force
             server = await loop.create_server(
                 lambda listener=listener, implicit=implicit: _SessionWire(self, listener, implicit),
                 host=listener.host,
@@ -43,6 +51,13 @@ class Listeners:
             )
             self.servers.append(server)
             log.info("listening on %s (%s)", listener.address, listener.mode.value)
+
+    def _in_force(self, ssl_object: ssl.SSLObject, _server_name: str | None, bound: ssl.SSLContext) -> None:
+        # OpenSSL calls this for every ClientHello, SNI or not (server_name None);
+        # the rest of the handshake uses the context set here.
+        current = self.services.tls_context
+        if current is not None and current is not bound:
+            ssl_object.context = current
 
     def bound_ports(self) -> list[tuple[str, int]]:
         out = []

@@ -13,6 +13,7 @@ import os
 import signal
 import smtplib
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,3 +137,31 @@ def test_worker_exits_when_its_server_is_killed_and_a_restart_delivers_the_queue
     for subject in ["queued-while-the-worker-waited", *(f"after-restart-{i}" for i in range(20))]:
         wait_subject(server, subject)
     assert server.stop() == 0
+
+
+def _served_certificate(host: str, port: int, ca: peers.TlsCerts, *, implicit: bool) -> bytes:
+    """The DER certificate the server presents: on connect (implicit TLS) or after STARTTLS."""
+    context = ssl.create_default_context(cafile=str(ca.ca_file))
+    context.check_hostname = False
+    if implicit:
+        with smtplib.SMTP_SSL(host, port, timeout=10, context=context) as s:
+            return s.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+    with smtplib.SMTP(host, port, timeout=10) as s:
+        s.starttls(context=context)
+        return s.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+
+
+def test_sighup_puts_a_renewed_certificate_on_every_listener(gannet: Gannet, tmp_path: Path) -> None:
+    """A renewed certificate (same paths, new files, as certbot leaves them) is served
+    after SIGHUP on the STARTTLS listeners and on the implicit-TLS one (port 465)."""
+    cert_dir = tmp_path / "tls"
+    first = peers.make_tls_certs(cert_dir)
+    server = gannet(tls={"cert": str(first.cert_file), "key": str(first.key_file)})
+    before = {m: _served_certificate(*server.address(m), first, implicit=m == "submissions")
+              for m in ("mx", "submissions")}  # fmt: skip
+    renewed = peers.make_tls_certs(cert_dir)  # a new CA and key, written over the same files
+    os.kill(server.pid, signal.SIGHUP)
+    peers.wait_for(lambda: "reloaded" in server.log_text(), 10, "the reload in the log")
+    for mode in ("mx", "submissions"):
+        after = _served_certificate(*server.address(mode), renewed, implicit=mode == "submissions")
+        assert after != before[mode], f"{mode}: still the old certificate"
