@@ -154,12 +154,15 @@ async def copy_spooled_bodies(conn: Conn, batch: Sequence[Prepared]) -> None:
         copy.set_types(["text", "int4", "bytea"])
         for p in spooled:
             assert p.spool is not None
-            with await loop.run_in_executor(None, open, p.spool, "rb") as f:
-                seq = size = 0
-                while chunk := await loop.run_in_executor(None, f.read, CHUNK):
-                    await copy.write_row((p.message.queue_id, seq, chunk))
-                    seq += 1
-                    size += len(chunk)
+            seq = size = 0
+            try:
+                with await loop.run_in_executor(None, open, p.spool, "rb") as f:
+                    while chunk := await loop.run_in_executor(None, f.read, CHUNK):
+                        await copy.write_row((p.message.queue_id, seq, chunk))
+                        seq += 1
+                        size += len(chunk)
+            except OSError as exc:  # gone since _prepare's check: this message fails, not the process
+                raise QueueError(f"{p.message.queue_id}: cannot read the spooled body: {exc}") from exc
             if seq == 0:  # an empty body is one empty row, as in memory
                 await copy.write_row((p.message.queue_id, 0, b""))
             expected = p.message.body.size

@@ -130,18 +130,20 @@ class EnqueueWriter:
         started = time.monotonic()
         try:
             try:
-                # One statement in autocommit mode: its own transaction (postgres_ops).
                 async with self._pool.connection() as conn:
                     await _insert(conn, self._node, [p for p, _f in batch])
                 failures: dict[int, BaseException] = {}
-            except psycopg.Error as exc:
+            except (psycopg.Error, QueueError) as exc:  # QueueError: a spool file gone bad
                 if len(batch) == 1 or isinstance(exc, _DEAD_CONNECTION):
                     raise
                 self.stats.retried_batches += 1
                 failures = await self._one_by_one(batch)
-        except psycopg.Error as exc:
+        except (psycopg.Error, QueueError) as exc:
             self.stats.failed_commits += 1
-            error = QueueError("duplicate queue ID" if _duplicate(exc) else f"queue database: {exc}")
+            if isinstance(exc, QueueError):
+                error = exc
+            else:
+                error = QueueError("duplicate queue ID" if _duplicate(exc) else f"queue database: {exc}")
             log.error("queue: enqueue of %d message(s) failed: %s", len(batch), exc)
             _resolve(batch, error)
             return
@@ -172,7 +174,7 @@ class EnqueueWriter:
                     await _insert(conn, self._node, [prepared])
                 except _DEAD_CONNECTION:
                     raise
-                except psycopg.Error as exc:
+                except (psycopg.Error, QueueError) as exc:
                     qid = prepared.message.queue_id
                     reason = "duplicate queue ID" if _duplicate(exc) else str(exc)
                     failures[i] = QueueError(f"{qid}: {reason}")
@@ -180,6 +182,8 @@ class EnqueueWriter:
 
 
 async def _insert(conn: psycopg.AsyncConnection[TupleRow], node: str, batch: list[ops.Prepared]) -> None:
+    """One statement in autocommit mode (its own transaction); a transaction
+    of two when a body streams in from its spool file first."""
     if not any(p.spool is not None for p in batch):
         await ops.insert_messages(conn, node, batch)
         return
@@ -188,7 +192,7 @@ async def _insert(conn: psycopg.AsyncConnection[TupleRow], node: str, batch: lis
         await ops.insert_messages(conn, node, batch)
 
 
-def _duplicate(exc: psycopg.Error) -> bool:
+def _duplicate(exc: Exception) -> bool:
     return isinstance(exc, psycopg.errors.UniqueViolation)
 
 

@@ -20,6 +20,7 @@ import peers
 import psycopg
 import pytest
 
+from gannet.queue import postgres_ops as ops
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import (
     Claim,
@@ -308,6 +309,20 @@ async def test_a_lost_body_row_quarantines_the_message(nodes: Nodes) -> None:
     view = await a.get_message(m.queue_id)
     assert view.quarantined and view.history[-1].event == "quarantined"
     assert await claim(a) == []
+
+
+async def test_a_spool_file_gone_before_its_commit_fails_only_its_message(nodes: Nodes) -> None:
+    a = await nodes()
+    gone = a.spool_dir / "incoming-gone"
+    lost = NewMessage(new_queue_id(), "a@a.test", message().recipients, SpooledBody(gone, 10), T0)
+    kept = message()
+    # (past enqueue's own check, as if the file went between that check and the commit)
+    submit = a._writer.submit  # type: ignore[union-attr]
+    results = await asyncio.gather(submit(ops.Prepared(lost, (), spool=gone)), a.enqueue(kept),
+                                   return_exceptions=True)  # fmt: skip
+    assert isinstance(results[0], QueueError) and "cannot read the spooled body" in str(results[0])
+    assert results[1] is None
+    assert [m.queue_id for m in await a.list_messages()] == [kept.queue_id]
 
 
 async def test_a_short_large_body_is_quarantined_and_leaves_no_copy(nodes: Nodes) -> None:
