@@ -4,7 +4,8 @@ Start-up order: store (open/recover) → policy tables → TLS → delivery loop
 listeners; nothing listens before everything it needs is ready. Signals:
 SIGTERM/SIGINT stop listening, let sessions finish (bounded), stop delivery,
 close the store, exit 0. SIGHUP re-reads the config; a bad new config is
-refused, logged, and the old one kept.
+refused, logged, and the old one kept; `[[listen]]` and `[admin]` changes
+are applied too (Listeners.apply, `_reload_admin`).
 
 The users file is re-read when it changes (checked when a session starts),
 so `gannet users add` takes effect without a reload.
@@ -20,6 +21,7 @@ import resource
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from gannet import config as config_mod
 from gannet import metrics
@@ -36,6 +38,9 @@ from gannet.server.auth import PasswordVerifier
 from gannet.server.listener import Listeners
 from gannet.server.services import Services
 from gannet.server.tls import server_context
+
+if TYPE_CHECKING:
+    from gannet.admin.http import AdminServer
 
 log = logging.getLogger("gannet")
 
@@ -58,6 +63,8 @@ class Server:
         self.clock = SystemClock()
         self.accounts = AccountsFile(config.mailboxes.users_file)
         self.stopping = asyncio.Event()
+        self.admin: AdminServer | None = None
+        self._reloading: asyncio.Task[None] | None = None
 
     def _table(self, config: Config) -> RecipientTable:
         return RecipientTable.from_config(config.relay, config.mailboxes, self.accounts.get())
@@ -107,19 +114,10 @@ class Server:
         services.refresh_recipients = self._current_table
         self.services = services
         listeners = Listeners(services)
-        admin = None
+        self.store = store
         if config.admin.address:  # first: a port in use ends the start before a worker is spawned
-            from gannet.admin.http import AdminServer  # prometheus_client: only after metrics set it up
-
-            admin = AdminServer(
-                config.admin,
-                store,
-                self.clock,
-                wake_delivery=delivery.wake,
-                hostname=config.hostname,
-                config_file=config.file,
-            )
-            await admin.start()
+            self.admin = self._admin_server(config)
+            await self.admin.start()
         await delivery.start()
         await listeners.start()
         self.listeners = listeners
@@ -129,13 +127,16 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         log.info("gannet ready: %s, queue %s", config.hostname, config.queue.url)
         await self.stopping.wait()
+        loop.remove_signal_handler(signal.SIGHUP)
+        if self._reloading is not None:  # let it finish: it may be binding listeners
+            await asyncio.gather(self._reloading, return_exceptions=True)
         log.info("stopping: no new connections; letting sessions finish (up to %.0fs)", SHUTDOWN_GRACE)
         await listeners.stop(SHUTDOWN_GRACE)
         await delivery.stop(SHUTDOWN_GRACE)
         if services.mailauth is not None:
             await services.mailauth.close()
-        if admin is not None:
-            await admin.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         log.info("stopped")
         return 0
 
@@ -147,7 +148,26 @@ class Server:
             table = RecipientTable.from_config(self.config.relay, self.config.mailboxes, accounts)
         return table
 
+    def _admin_server(self, config: Config) -> AdminServer:
+        from gannet.admin.http import AdminServer  # prometheus_client: only after metrics set it up
+
+        return AdminServer(
+            config.admin,
+            self.store,
+            self.clock,
+            wake_delivery=self.delivery.wake,
+            hostname=config.hostname,
+            config_file=config.file,
+        )
+
     def reload(self) -> None:
+        """SIGHUP. One reload at a time: a second waits for the first."""
+        previous = self._reloading
+        self._reloading = asyncio.get_running_loop().create_task(self._reload(previous))
+
+    async def _reload(self, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
         try:
             new = config_mod.load(self.config.file)
             tls = server_context(new.tls, new.file)
@@ -156,6 +176,14 @@ class Server:
         except (ConfigError, AccountsError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
+        if new.listen != self.config.listen:  # first: the one step that can still fail
+            running_tls, self.services.tls_context = self.services.tls_context, tls  # for new 465s
+            try:
+                await self.listeners.apply(new.listen)
+            except OSError as exc:
+                self.services.tls_context = running_tls
+                log.error("reload refused, keeping the running config: [[listen]]: %s", exc)
+                return
         changed = _changed_sections(self.config, new)
         self.services.signer = signer
         if {"mailauth", "dns", "hostname"} & set(changed):  # else keep the checks' DNS cache
@@ -163,10 +191,8 @@ class Server:
             self.services.mailauth = mailauth_checker.from_config(new, self.clock)
             if old is not None:  # sessions still in the old checks fall back to checking in the server
                 self._closing_checks = asyncio.get_running_loop().create_task(old.close())
-        if new.listen != self.config.listen:
-            log.warning("reload: [[listen]] changes take effect only after a restart")
         if new.admin != self.config.admin:
-            log.warning("reload: [admin] changes take effect only after a restart")
+            await self._reload_admin(new)
         self.config = new
         self.services.config = new
         self.services.recipients = table
@@ -175,6 +201,27 @@ class Server:
         if {"mailboxes", "delivery", "queue", "hostname"} & set(changed):
             self.delivery.config = new
             self._restart = asyncio.get_running_loop().create_task(self.delivery.restart(SHUTDOWN_GRACE))
+
+
+    async def _reload_admin(self, new: Config) -> None:
+        """[admin] changed: its server again, with the new settings. On a new
+        address the new one is started before the old one stops, so that a
+        failure (logged) leaves the old one serving."""
+        old = self.admin
+        if old is not None and old.config.address == new.admin.address:
+            await old.stop()  # the same port: it must be free first
+            old = self.admin = None
+        fresh = self._admin_server(new) if new.admin.address else None
+        if fresh is not None:
+            try:
+                await fresh.start()
+            except (ConfigError, OSError) as exc:  # the port is taken; the token file went
+                log.error("reload: %s; %s", exc, "the admin server keeps running as it was" if old else
+                          "no admin server until this is fixed")
+                return
+        if old is not None:
+            await old.stop()
+        self.admin = fresh
 
 
 def _raise_open_files_limit(sessions: int) -> None:

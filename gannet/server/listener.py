@@ -4,6 +4,10 @@ Modes (CONTRACT.md): mx (port 25 semantics), submission (STARTTLS then AUTH
 required), submissions (implicit TLS, RFC 8314), lmtp (RFC 2033). Sessions are
 tracked so that a graceful stop can ask each to finish and wait for them.
 
+A reload (`apply`) binds the addresses new to the config before it closes
+any: one that cannot be bound refuses the change as a whole. Sessions keep
+the settings of the listener they came in on; new ones get the new.
+
 An implicit-TLS listener is bound with the TLS context of its start, but
 every handshake on it switches to the context in force (`_in_force`), so a
 certificate renewed and reloaded with SIGHUP reaches port 465 as it reaches
@@ -16,6 +20,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Sequence
 
 from gannet.config import Listener, ListenMode
 from gannet.server.services import Services
@@ -28,29 +33,70 @@ log = logging.getLogger("gannet.listener")
 class Listeners:
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.servers: list[asyncio.Server] = []
+        self.bound: dict[str, tuple[Listener, asyncio.Server]] = {}  # by address
+        self._closed: list[asyncio.Server] = []  # by a reload; awaited at stop
         self.sessions: set[Session] = set()
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for listener in self.services.config.listen:
-            implicit = listener.mode is ListenMode.SUBMISSIONS
-            ctx = self.services.tls_context if implicit else None
-            if ctx is not None:
-                ctx.sni_callback = self._in_force
-            server = await loop.create_server(
-                lambda listener=listener, implicit=implicit: _SessionWire(self, listener, implicit),
-                host=listener.host,
-                port=listener.port,
-                ssl=ctx,
-                reuse_address=True,
-                backlog=4096,
-                family=socket.AF_INET6 if ":" in listener.host else socket.AF_INET,
-                ssl_handshake_timeout=30.0 if ctx else None,
-            )
-            self.servers.append(server)
+            self.bound[listener.address] = (listener, await self._bind(listener))
             log.info("listening on %s (%s)", listener.address, listener.mode.value)
+
+    async def apply(self, listen: Sequence[Listener]) -> None:
+        """Listen as `listen` says (a reload). Raises OSError, having changed
+        nothing, when a new address cannot be bound."""
+        wanted = {listener.address: listener for listener in listen}
+        fresh: dict[str, tuple[Listener, asyncio.Server]] = {}
+        try:
+            for address, listener in wanted.items():
+                if address not in self.bound:
+                    fresh[address] = (listener, await self._bind(listener))
+        except OSError:
+            for _listener, server in fresh.values():
+                server.close()
+            raise
+        for address in [a for a in self.bound if a not in wanted]:
+            self._close(self.bound.pop(address)[1])
+            log.info("no longer listening on %s; its sessions finish", address)
+        for address, listener in wanted.items():
+            if address in fresh or self.bound[address][0] == listener:
+                continue
+            old, server = self.bound[address]
+            if _implicit(old) != _implicit(listener):  # TLS comes with the socket: bind it again
+                self._close(server)
+                server = await self._bind(listener)  # the address was ours a moment ago
+            self.bound[address] = (listener, server)
+            log.info("listening on %s (%s): new settings for new sessions", address, listener.mode.value)
+        for address, (listener, server) in fresh.items():
+            self.bound[address] = (listener, server)
+            log.info("listening on %s (%s)", address, listener.mode.value)
+
+    async def _bind(self, listener: Listener) -> asyncio.Server:
+        ctx = self.services.tls_context if _implicit(listener) else None
+        if ctx is not None:
+            ctx.sni_callback = self._in_force
+        return await asyncio.get_running_loop().create_server(
+            lambda: self._wire(listener),
+            host=listener.host,
+            port=listener.port,
+            ssl=ctx,
+            reuse_address=True,
+            backlog=4096,
+            family=socket.AF_INET6 if ":" in listener.host else socket.AF_INET,
+            ssl_handshake_timeout=30.0 if ctx else None,
+        )
+
+    def _wire(self, bound_as: Listener) -> _SessionWire:
+        # The listener's settings in force now (a reload may have changed them).
+        listener = self.bound.get(bound_as.address, (bound_as, None))[0]
+        if _implicit(listener) != _implicit(bound_as):  # being bound again: this socket's TLS rules
+            listener = bound_as
+        return _SessionWire(self, listener, _implicit(listener))
+
+    def _close(self, server: asyncio.Server) -> None:
+        server.close()
+        self._closed.append(server)
 
     def _in_force(self, ssl_object: ssl.SSLObject, _server_name: str | None, bound: ssl.SSLContext) -> None:
         # OpenSSL calls this for every ClientHello, SNI or not (server_name None);
@@ -61,7 +107,7 @@ class Listeners:
 
     def bound_ports(self) -> list[tuple[str, int]]:
         out = []
-        for server in self.servers:
+        for _listener, server in self.bound.values():
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 out.append((host, port))
@@ -81,7 +127,8 @@ class Listeners:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, ask sessions to finish, wait up to `grace` seconds, then cut."""
-        for server in self.servers:
+        servers = [server for _listener, server in self.bound.values()] + self._closed
+        for server in servers:
             server.close()
         for session in list(self.sessions):
             session.request_close()
@@ -96,8 +143,12 @@ class Listeners:
                     grace,
                 )
                 await asyncio.wait(pending, timeout=5)
-        for server in self.servers:
+        for server in servers:
             await server.wait_closed()
+
+
+def _implicit(listener: Listener) -> bool:
+    return listener.mode is ListenMode.SUBMISSIONS
 
 
 class _SessionWire(Wire):

@@ -15,8 +15,11 @@ import smtplib
 import socket
 import ssl
 import time
+import tomllib
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import peers
 
@@ -165,3 +168,86 @@ def test_sighup_puts_a_renewed_certificate_on_every_listener(gannet: Gannet, tmp
     for mode in ("mx", "submissions"):
         after = _served_certificate(*server.address(mode), renewed, implicit=mode == "submissions")
         assert after != before[mode], f"{mode}: still the old certificate"
+
+
+def _rewrite(server: peers.GannetProcess, change: Callable[[dict[str, Any]], None]) -> None:
+    config = tomllib.loads(server.config_path.read_text())
+    change(config)
+    server.config_path.write_text(peers.to_toml(config))
+
+
+def _reloads(server: peers.GannetProcess, what: str) -> None:
+    """SIGHUP, then wait for `what` to be logged once more than before."""
+    before = server.log_text().count(what)
+    os.kill(server.pid, signal.SIGHUP)
+    peers.wait_for(lambda: server.log_text().count(what) > before, 10, f"{what!r} in the log")
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with smtplib.SMTP(host, port, timeout=10) as s:
+            return s.noop()[0] == 250
+    except (ConnectionRefusedError, smtplib.SMTPServerDisconnected):
+        return False
+
+
+def test_sighup_applies_listen_changes(gannet: Gannet) -> None:
+    server = gannet()
+    host, submission_port = server.address("submission")
+    in_session = smtplib.SMTP(host, submission_port, timeout=10)  # open across the reload
+    in_session.ehlo("client.test")
+    new_port = peers.free_port(host)
+
+    def listen(config: dict[str, Any]) -> None:
+        config["listen"] = [e for e in config["listen"] if e["mode"] != "submission"]
+        config["listen"].append({"address": f"{host}:{new_port}", "mode": "mx"})
+
+    _rewrite(server, listen)
+    _reloads(server, "reloaded")
+    assert _answers(host, new_port), "the new listener accepts"
+    assert not _answers(host, submission_port), "the removed one does not"
+    assert in_session.noop()[0] == 250, "a session that came in on it goes on"
+    in_session.quit()
+    with smtplib.SMTP(host, new_port, timeout=10) as s:  # and it is an mx: mail is accepted
+        s.sendmail("x@elsewhere.test", ["alice@example.test"], "Subject: via-new\r\n\r\nhi\r\n")
+    wait_subject(server, "via-new")
+
+
+def test_a_listen_address_in_use_refuses_the_whole_reload(gannet: Gannet) -> None:
+    server = gannet(relay={"trusted_networks": ["127.0.0.9/32"]})  # 127.0.0.1 may not relay
+    host, port = server.address("mx")
+    with socket.socket() as taken:
+        taken.bind((host, 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+
+        def change(config: dict[str, Any]) -> None:
+            config["listen"].append({"address": f"{host}:{busy}", "mode": "mx"})
+            config["relay"]["local_domains"].append("new.test")
+
+        _rewrite(server, change)
+        _reloads(server, "reload refused")
+    assert "[[listen]]" in server.log_text()
+    with smtplib.SMTP(host, port, timeout=10) as s:  # the old config, whole: new.test is not ours
+        s.ehlo("client.test")
+        s.mail("x@elsewhere.test")
+        assert s.rcpt("postmaster@new.test")[0] >= 500
+
+
+def test_sighup_moves_the_admin_server(gannet: Gannet) -> None:
+    server = gannet()
+    old = tomllib.loads(server.config_path.read_text())["admin"]["address"]
+    host = old.rpartition(":")[0]
+    new = f"{host}:{peers.free_port(host)}"
+
+    def health(address: str) -> int | None:
+        try:
+            with urllib.request.urlopen(f"http://{address}/api/stats", timeout=5) as r:
+                return int(r.status)
+        except OSError:
+            return None
+
+    assert health(old) == 200
+    _rewrite(server, lambda config: config["admin"].update(address=new))
+    _reloads(server, "reloaded")
+    assert health(new) == 200 and health(old) is None
