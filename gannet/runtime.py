@@ -169,6 +169,12 @@ class Server:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         try:
+            await self._reload_config()
+        except Exception:  # a bug: logged here, not lost in a task nobody awaits
+            log.exception("reload failed part-way; restart to be sure of the config in force")
+
+    async def _reload_config(self) -> None:
+        try:
             new = config_mod.load(self.config.file)
             tls = server_context(new.tls, new.file)
             table = self._table(new)
@@ -191,7 +197,8 @@ class Server:
             self.services.mailauth = mailauth_checker.from_config(new, self.clock)
             if old is not None:  # sessions still in the old checks fall back to checking in the server
                 self._closing_checks = asyncio.get_running_loop().create_task(old.close())
-        if new.admin != self.config.admin:
+        running_admin = self.admin.config if self.admin is not None else None
+        if (new.admin if new.admin.address else None) != running_admin:  # (after a failed try too)
             await self._reload_admin(new)
         self.config = new
         self.services.config = new
@@ -201,7 +208,6 @@ class Server:
         if {"mailboxes", "delivery", "queue", "hostname"} & set(changed):
             self.delivery.config = new
             self._restart = asyncio.get_running_loop().create_task(self.delivery.restart(SHUTDOWN_GRACE))
-
 
     async def _reload_admin(self, new: Config) -> None:
         """[admin] changed: its server again, with the new settings. On a new
@@ -216,8 +222,8 @@ class Server:
             try:
                 await fresh.start()
             except (ConfigError, OSError) as exc:  # the port is taken; the token file went
-                log.error("reload: %s; %s", exc, "the admin server keeps running as it was" if old else
-                          "no admin server until this is fixed")
+                then = "the admin server keeps running as it was" if old else "no admin server until fixed"
+                log.error("reload: %s; %s", exc, then)
                 return
         if old is not None:
             await old.stop()
