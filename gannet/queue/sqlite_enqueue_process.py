@@ -173,6 +173,9 @@ class EnqueueProcess:
                         self._answer(wire.Reply.of(value))
         except OSError as exc:
             log.error("queue: reading from the enqueue writer process: %s", exc)
+        except Exception:  # a frame that does not decode: a bug on one side; its answers are lost
+            log.exception("queue: an answer from the enqueue writer process does not decode; killing it")
+            proc.kill()
         finally:
             self._ready.clear()
             self._stream = None

@@ -234,6 +234,43 @@ async def test_without_the_child_the_thread_enqueues(tmp_path: Path, monkeypatch
         await s.close()
 
 
+async def test_an_answer_that_does_not_decode_kills_the_child_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A child (here a stand-in) that says it is ready, then answers with a frame
+    that is not marshal data: it is killed, and what it held is settled as after
+    a crash (the thread stores the message, once)."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import os, struct, sys, time\n"
+        "fd = int(sys.argv[sys.argv.index('--fd') + 1])\n"
+        "import marshal\n"
+        "ready = marshal.dumps('ready')\n"
+        "os.write(fd, struct.pack('!I', len(ready)) + ready)\n"
+        "os.read(fd, 1)  # the first request has come\n"
+        "os.write(fd, struct.pack('!I', 3) + b'\\xff\\xff\\xff')\n"
+        "time.sleep(60)\n"
+    )
+    fake.chmod(0o755)
+    (tmp_path / "spool").mkdir()
+    s = SqliteStore(tmp_path / "queue.db", spool_dir=tmp_path / "spool", enqueue_process=True)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    await s.open()
+    monkeypatch.undo()
+    try:
+        enqueuer = child_of(s)
+        pid = enqueuer.pid
+        assert pid is not None
+        m = message()
+        await asyncio.wait_for(s.enqueue(m), 30)
+        assert [v.queue_id for v in await s.list_messages()] == [m.queue_id]
+        assert "does not decode; killing it" in caplog.text
+        await until(lambda: not alive(pid), "the stand-in child to be gone")
+    finally:
+        await s.close()
+
+
 @pytest.mark.parametrize(
     ("opener", "writer_process", "expected"),
     [(Opener.SERVER, True, True), (Opener.SERVER, False, False), (Opener.WORKER, True, False),
