@@ -29,6 +29,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -81,11 +82,11 @@ class BodyFiles:
                 await loop.run_in_executor(None, os.replace, temporary, path)
                 return path, size
         except BaseException as exc:
-            _unlink(temporary)  # on the loop: one unlink, on a failure path only (cancelled, too)
+            temporary.unlink(missing_ok=True)  # on the loop: one unlink, on a failure path only
             if isinstance(exc, OSError):
                 raise QueueError(f"{queue_id}: cannot write a copy of the body for delivery: {exc}") from exc
             raise
-        await loop.run_in_executor(None, _unlink, temporary)
+        await loop.run_in_executor(None, partial(temporary.unlink, missing_ok=True))
         return None, written
 
     async def forget(self, queue_ids: Iterable[str]) -> None:
@@ -120,14 +121,9 @@ def _create(path: Path) -> IO[bytes]:
     return open(path, "xb")
 
 
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
 def _unlink_all(paths: list[Path]) -> None:
     for path in paths:
-        _unlink(path)
+        path.unlink(missing_ok=True)
 
 
 def _remove_untouched(directory: Path, before: float) -> int:

@@ -10,20 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from gannet.clock import FakeClock
 from gannet.queue.postgres_body_files import KEEP_SECONDS, PRUNE_EVERY, BodyFiles
 
 
 async def rows(*chunks: bytes) -> AsyncGenerator[bytes, None]:
     for chunk in chunks:
         yield chunk
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_rows_become_one_file_reused_until_forgotten(tmp_path: Path) -> None:
@@ -71,8 +64,8 @@ async def test_the_rows_are_closed_when_writing_fails(tmp_path: Path) -> None:
 
 
 async def test_copies_untouched_for_keep_seconds_are_removed(tmp_path: Path) -> None:
-    clock = Clock()
-    files = BodyFiles(tmp_path, monotonic=clock)
+    clock = FakeClock()
+    files = BodyFiles(tmp_path, monotonic=clock.monotonic)
     old, _ = await files.copy("OLD", 1, rows(b"o"))
     recent, _ = await files.copy("RECENT", 1, rows(b"r"))  # (no scan: within PRUNE_EVERY)
     assert old is not None and recent is not None
@@ -80,6 +73,6 @@ async def test_copies_untouched_for_keep_seconds_are_removed(tmp_path: Path) -> 
     os.utime(old, (long_ago, long_ago))
     os.utime(recent, (long_ago, long_ago))
     assert await files.copy("RECENT", 1, rows()) == (recent, 1)  # handed out again: touched
-    clock.now += PRUNE_EVERY + 1
+    clock.advance(PRUNE_EVERY + 1)
     await files.copy("NEW", 1, rows(b"n"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["NEW", "RECENT"]

@@ -11,6 +11,7 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import peers
 import pytest
 import trustme
 
@@ -24,18 +25,13 @@ from gannet.server.listener import Listeners
 from gannet.server.services import Services
 
 CA = trustme.CA()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+HOST = "127.0.0.1"
 
 
 @pytest.fixture
 async def listeners(tmp_path: Path) -> AsyncIterator[Listeners]:
     path = tmp_path / "gannet.toml"
-    path.write_text(f'hostname = "mx.test"\n[[listen]]\naddress = "127.0.0.1:{free_port()}"\n'
+    path.write_text(f'hostname = "mx.test"\n[[listen]]\naddress = "127.0.0.1:{peers.free_port(HOST)}"\n'
                     '[relay]\nlocal_domains = ["example.test"]\n')  # fmt: skip
     cfg = config_mod.load(path)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -92,7 +88,7 @@ async def test_an_address_that_cannot_be_bound_changes_nothing(listeners: Listen
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        fresh = free_port()
+        fresh = peers.free_port(HOST)
         wanted = [Listener("127.0.0.1", fresh, ListenMode.MX), Listener("127.0.0.1", busy, ListenMode.MX)]
         with pytest.raises(OSError):
             await listeners.apply(wanted)  # the first was bound, then given back
