@@ -322,7 +322,7 @@ class PostgresStore:
         await self._body_files.forget(completed)
         for p in follow_ups:
             if isinstance(p.message.body, SpooledBody):
-                _unlink(p.message.body.path)
+                p.message.body.path.unlink(missing_ok=True)
         return completed
 
     async def next_due(self, transport: Transport | None = None) -> float | None:
@@ -412,13 +412,6 @@ def _clear_spool(spool_dir: Path) -> list[str]:
                 continue
             removed.append(str(path.relative_to(spool_dir)))
     return removed
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def safe_url(url: str) -> str:

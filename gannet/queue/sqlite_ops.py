@@ -402,18 +402,11 @@ def remove_messages(
         for qid, spool_path in rows.fetchall():
             found.add(qid)
             if spool_path is not None:
-                txn.after_commit.append(partial(_unlink, ctx.spool_dir / spool_path))
+                txn.after_commit.append(partial((ctx.spool_dir / spool_path).unlink, missing_ok=True))
         conn.executemany(_KEEP_SUMMARY, [(at, qid) for qid, at in chunk if qid in found])
         for table in ("recipients", "bodies", "messages"):
             conn.execute(f"DELETE FROM {table} WHERE queue_id IN ({marks})", ids)
     return found
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 # --- admin actions ---------------------------------------------------------------
