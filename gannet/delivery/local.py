@@ -345,8 +345,21 @@ class LocalDelivery(ClaimLoop):
         """Batch mode: read the bodies (together: the store batches the reads), then
         write every file unsynced and commit them all (maildir.commit_batch) in ONE
         trip to a thread. A hop per recipient cost ~20% of the worker's CPU in
-        future and lock handling (py-spy, 10 sessions). Memory: a batch holds its
-        bodies at once, each at most STREAM_ABOVE (larger ones are streamed)."""
+        future and lock handling (py-spy, 10 sessions). Memory: the bodies held
+        at once come out of the process's body budget, so a batch of large
+        messages is written in pieces of at most its share per batch in flight
+        (`_pieces`), and batches never wait on each other for small bodies;
+        bodies over STREAM_ABOVE are streamed from their files."""
+        attempts: list[_Attempt] = []
+        for piece in _pieces(claims, BODY_BUDGET // self._max_batches):
+            size = sum(c.size for c in piece if c.size <= STREAM_ABOVE)
+            if any(c.size > STREAM_ABOVE for c in piece):
+                size += 2 * STREAM_CHUNK  # what streaming a file holds (stage_file)
+            async with self._bodies.hold(size):
+                attempts += await self._write_piece(piece, executor)
+        return attempts
+
+    async def _write_piece(self, claims: list[Claim], executor: Executor) -> list[_Attempt]:
         sources = await asyncio.gather(*(self._source(c, executor) for c in claims))
         attempts: list[_Attempt] = []
         jobs: list[_Job] = []
@@ -498,6 +511,21 @@ def _write_and_commit(jobs: Sequence[_Job]) -> list[Path | Exception]:
         for i, result in zip(indexes, commit_batch(tmps), strict=True):
             staged[i] = result
     return staged
+
+
+def _pieces(claims: list[Claim], limit: int) -> list[list[Claim]]:
+    """`claims` in order, cut into runs whose in-memory bodies (those not streamed:
+    at most STREAM_ABOVE each) add up to at most `limit`; one claim always makes a piece."""
+    pieces: list[list[Claim]] = []
+    used = limit + 1
+    for claim in claims:
+        size = claim.size if claim.size <= STREAM_ABOVE else 0
+        if used + size > limit:
+            pieces.append([])
+            used = 0
+        pieces[-1].append(claim)
+        used += size
+    return pieces
 
 
 def _as_write_result(job: _Job, result: Path | Exception) -> WriteResult:

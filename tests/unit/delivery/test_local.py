@@ -618,3 +618,50 @@ async def test_batch_sync_fails_an_unsafe_mailbox_and_delivers_the_rest(tmp_path
         assert len(harness.files("bob@example.test")) == 1
     finally:
         await harness.stop()
+
+
+def _claim_of(size: int, qid: str = "Q") -> Claim:
+    return Claim(qid, "s@x.test", 0.0, None, None, False, False, size, (), 0.0)
+
+
+def test_pieces_keep_in_memory_bodies_under_the_limit_and_streamed_ones_apart() -> None:
+    from gannet.delivery.local import STREAM_ABOVE, _pieces
+
+    sizes = [400, 400, 300, 900, STREAM_ABOVE + 1, 100, 2000, 1]
+    pieces = _pieces([_claim_of(s, f"Q{i}") for i, s in enumerate(sizes)], 1000)
+    # A streamed body counts for nothing (it is read a chunk at a time); one claim
+    # over the limit still makes a piece of its own.
+    assert [[c.size for c in p] for p in pieces] == [
+        [400, 400], [300], [900, STREAM_ABOVE + 1, 100], [2000], [1]
+    ]
+    assert _pieces([], 1000) == []
+
+
+@needs_syncfs
+async def test_a_batch_of_bodies_over_the_budget_is_written_in_pieces_and_recorded_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gannet.delivery import local
+
+    monkeypatch.setattr(local, "BODY_BUDGET", 3 * 5000)  # pieces of at most 5,000 bytes
+    trips: list[int] = []
+    real = local._write_and_commit
+
+    def counting(jobs: Sequence[Any]) -> list[Path | Exception]:
+        trips.append(len(jobs))
+        return real(jobs)
+
+    monkeypatch.setattr(local, "_write_and_commit", counting)
+    harness = Harness(tmp_path, batch=16, batch_sync=True)
+    body = b"Subject: piece\r\n\r\n" + b"z" * 2400 + b"\r\n"
+    await harness.enqueue(*(harness.message(f"Q{i}", f"u{i}@example.test", body=body) for i in range(5)),
+                          wake=False)
+    harness.start()
+    try:
+        await until(lambda: harness.store.empty)
+        assert trips == [2, 2, 1]  # two ~2.4 KB bodies per 5,000-byte piece
+        assert [len(call) for call in harness.store.record_calls] == [5]  # still one record
+        for i in range(5):
+            (path,) = harness.files(f"u{i}@example.test")
+            assert path.read_bytes().endswith(b"z" * 2400 + b"\n")
+    finally:
+        await harness.stop()
