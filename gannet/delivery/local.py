@@ -517,10 +517,10 @@ def _pieces(claims: list[Claim], limit: int) -> list[list[Claim]]:
     """`claims` in order, cut into runs whose in-memory bodies (those not streamed:
     at most STREAM_ABOVE each) add up to at most `limit`; one claim always makes a piece."""
     pieces: list[list[Claim]] = []
-    used = limit + 1
+    used = 0
     for claim in claims:
         size = claim.size if claim.size <= STREAM_ABOVE else 0
-        if used + size > limit:
+        if not pieces or used + size > limit:
             pieces.append([])
             used = 0
         pieces[-1].append(claim)

@@ -14,15 +14,11 @@ from pathlib import Path
 import peers
 import pytest
 import trustme
+from in_process_services import services_for
 
 from gannet import config as config_mod
-from gannet.clock import SystemClock
 from gannet.config import Listener, ListenMode
-from gannet.policy.accounts import Accounts
-from gannet.policy.recipients import RecipientTable
-from gannet.server.auth import PasswordVerifier
 from gannet.server.listener import Listeners
-from gannet.server.services import Services
 
 CA = trustme.CA()
 HOST = "127.0.0.1"
@@ -36,16 +32,7 @@ async def listeners(tmp_path: Path) -> AsyncIterator[Listeners]:
     cfg = config_mod.load(path)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     CA.issue_cert("127.0.0.1").configure_cert(tls)
-    accounts = Accounts()
-    services = Services(
-        config=cfg,
-        store=None,  # type: ignore[arg-type]  # (no mail is sent here)
-        recipients=RecipientTable.from_config(cfg.relay, cfg.mailboxes, accounts),
-        verifier=PasswordVerifier(lambda: accounts),
-        tls_context=tls,
-        clock=SystemClock(),
-    )
-    running = Listeners(services)
+    running = Listeners(services_for(cfg, tls_context=tls))
     await running.start()
     yield running
     await running.stop(5)

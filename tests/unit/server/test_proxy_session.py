@@ -19,17 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from in_process_services import services_for
 
 from gannet import config as config_mod
-from gannet.clock import SystemClock
-from gannet.policy.accounts import Accounts
-from gannet.policy.recipients import RecipientTable
 from gannet.queue.model import InlineBody, NewMessage
 from gannet.server import proxy_intake
-from gannet.server.auth import PasswordVerifier
 from gannet.server.listener import Listeners
 from gannet.server.proxy_protocol import V2_SIGNATURE
-from gannet.server.services import Services
 
 CONFIG = """
 hostname = "mx.test"
@@ -63,12 +59,7 @@ async def proxied(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
         path.write_text(CONFIG.format(proxy_from=f"proxy_from = {proxy_from}" if proxy_from else ""))
         cfg = config_mod.load(path)
         store = RecordingStore()
-        accounts = Accounts()
-        services = Services(
-            config=cfg, store=store,  # type: ignore[arg-type]
-            recipients=RecipientTable.from_config(cfg.relay, cfg.mailboxes, accounts),
-            verifier=PasswordVerifier(lambda: accounts), tls_context=None, clock=SystemClock())
-        listeners = Listeners(services)
+        listeners = Listeners(services_for(cfg, store))
         await listeners.start()
         started.append(listeners)
         ((_, port),) = listeners.bound_ports()

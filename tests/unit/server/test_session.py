@@ -9,15 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from in_process_services import services_for
 
 from gannet import config as config_mod
-from gannet.clock import SystemClock
-from gannet.policy.accounts import Accounts
-from gannet.policy.recipients import RecipientTable
 from gannet.queue.model import NewMessage, QueueError
-from gannet.server.auth import PasswordVerifier
 from gannet.server.listener import Listeners
-from gannet.server.services import Services
 
 
 @dataclass
@@ -45,16 +41,7 @@ async def running(tmp_path: Path) -> AsyncIterator[tuple[Listeners, ControlledSt
     )
     cfg = config_mod.load(path)
     store = ControlledStore()
-    accounts = Accounts()
-    services = Services(
-        config=cfg,
-        store=store,  # type: ignore[arg-type]
-        recipients=RecipientTable.from_config(cfg.relay, cfg.mailboxes, accounts),
-        verifier=PasswordVerifier(lambda: accounts),
-        tls_context=None,
-        clock=SystemClock(),
-    )
-    listeners = Listeners(services)
+    listeners = Listeners(services_for(cfg, store))
     await listeners.start()
     yield listeners, store
     await listeners.stop(5)
