@@ -240,7 +240,9 @@ class Profiler:
         program = peers.find_program("py-spy") or str(Path(sys.executable).parent / "py-spy")
         argv = [program, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--function",
                 "--nonblocking", "--output", str(output)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.errors = output.with_suffix(".py-spy.log")
+        with self.errors.open("wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
@@ -254,6 +256,11 @@ class Profiler:
         own: Counter[str] = Counter()
         inclusive: Counter[str] = Counter()
         total = 0
+        if not self.output.exists():
+            # py-spy 0.4.3 cannot read CPython 3.11.7 here ("Failed to find python
+            # version from target process"); pyproject pins the bench to < 0.4.
+            said = self.errors.read_text(errors="replace").strip().splitlines()
+            return f"py-spy wrote no samples: {said[0] if said else 'no message'} (see {self.errors})"
         for line in self.output.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             n = int(count)
