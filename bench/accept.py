@@ -23,6 +23,10 @@ Reported per run:
   utime+stime, plus cutime+cstime of the daemons it has reaped (smtpd,
   cleanup, virtual … that exited), plus utime+stime of the daemons still
   alive (/proc scan for the master's descendants). Before/after differences.
+- CPU by process, while smtp-source ran: Gannet's server, enqueue writer,
+  delivery worker (and checks), each from its own /proc/PID/stat, and
+  smtp-source's own (this process's reaped children); printed after the
+  table for the median run of each configuration;
 - ratio: Gannet / Postfix for msgs/s (higher is better for Gannet) and for
   CPU per message (lower is better for Gannet).
 smtp-source runs on the same 2 cores and takes its share of them for both.
@@ -39,9 +43,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import _common
@@ -60,6 +65,8 @@ class Run:
     drain: float = 0.0
     cpu_accept: float = 0.0
     cpu_total: float = 0.0
+    # CPU seconds while smtp-source ran: Gannet's by process, and smtp-source's own
+    split: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -74,6 +81,12 @@ def count_new(maildir: os.PathLike[str]) -> int:
         return len(os.listdir(os.path.join(maildir, "new")))
     except FileNotFoundError:
         return 0
+
+
+def _children_cpu() -> float:
+    """user+sys of this process's reaped children: smtp-source, once it has exited."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_once(server: str, sessions: int, style: str, messages: int, size: int, keep: bool,
@@ -97,12 +110,19 @@ def run_once(server: str, sessions: int, style: str, messages: int, size: int, k
                 profile.mkdir(parents=True, exist_ok=True)
                 profiler = _common.Profiler(g.pid, profile / f"gannet-{sessions}-{style}.txt")
             cpu0 = cpu()
+            split0 = _common.cpu_by_process(g.pid) if server == "gannet" else None
+            source0 = _children_cpu()
             result = peers.smtp_source(target, messages=messages, sessions=sessions,
                                        keep_connection=(style == "many"), size=size,
                                        sender="bench@client.test", recipient=_common.BENCH_USER,
                                        helo="client.test", timeout=3600)
             run.wall = result.elapsed
             run.cpu_accept = cpu() - cpu0
+            run.split = {"smtp-source": _children_cpu() - source0}
+            if split0 is not None:
+                split = _common.cpu_by_process(g.pid)
+                split.subtract(split0)
+                run.split.update(split)
             end = time.monotonic()
             peers.wait_progress(lambda: count_new(maildir), messages, stall=120, what=f"{server} delivery")
             run.drain = time.monotonic() - end
@@ -186,6 +206,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs; CPU ms/msg = server CPU / messages{repeats}\n")
     print(_common.table(["server", "sessions", "connections", "msgs/s", "wall s", "drain s",
                          "CPU ms/msg accept", "CPU ms/msg total", "rate G/P", "CPU G/P"], rows))
+    print("\nCPU ms/msg while smtp-source ran, by process (the median run):")
+    for (server, n, style), rs in runs.items():
+        r = _common.median_by(rs, lambda run: run.rate)
+        parts = ", ".join(
+            f"{name} {r.ms_per_msg(seconds):.2f}"
+            for name, seconds in sorted(r.split.items(), key=lambda kv: -kv[1])
+            if seconds > 0
+        )
+        print(f"  {server} {n} {style}: {parts}")
     return 0
 
 
