@@ -215,27 +215,27 @@ def _numeric(c: str) -> bool:
     return c.replace(",", "").replace(".", "").replace("x", "").replace("-", "").isdigit()
 
 
-# What each of Gannet's processes is, by a word of its command line.
+# What each of Gannet's child processes is, by a word of its command line.
 _ROLES = (
     ("sqlite_enqueue_child", "enqueue writer"),
     ("deliver-worker", "delivery worker"),
     ("mailauth.checker", "checks"),
-    ("gannet serve", "server"),
 )
 
 
 def cpu_by_process(root: int) -> Counter[str]:
-    """CPU seconds of Gannet's process tree by role (server, enqueue writer,
-    delivery worker, checks). A child that exited counts as the server's: its
-    time moved into the server's cutime/cstime when it was reaped."""
-    split: Counter[str] = Counter()
-    for pid in (root, *peers.descendant_pids(root)):
+    """CPU seconds of Gannet's process tree by role: the server (`root`) and its
+    children (enqueue writer, delivery worker, checks). A child that exited
+    counts as the server's: its time moved into the server's cutime/cstime
+    when it was reaped."""
+    split: Counter[str] = Counter(server=peers.process_cpu_seconds(root))
+    for pid in peers.descendant_pids(root):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+        except OSError:  # gone meanwhile: its time is the server's now
             continue
         role = next((name for word, name in _ROLES if word in command), "other")
-        split[role] += peers.process_cpu_seconds(pid, children=pid == root)
+        split[role] += peers.process_cpu_seconds(pid, children=False)
     return split
 
 
