@@ -352,7 +352,7 @@ class LocalDelivery(ClaimLoop):
         bodies over STREAM_ABOVE are streamed from their files."""
         attempts: list[_Attempt] = []
         for piece in _pieces(claims, BODY_BUDGET // self._max_batches):
-            size = sum(c.size for c in piece if c.size <= STREAM_ABOVE)
+            size = sum(_in_memory(c) for c in piece)
             if any(c.size > STREAM_ABOVE for c in piece):
                 size += 2 * STREAM_CHUNK  # what streaming a file holds (stage_file)
             async with self._bodies.hold(size):
@@ -513,13 +513,18 @@ def _write_and_commit(jobs: Sequence[_Job]) -> list[Path | Exception]:
     return staged
 
 
+def _in_memory(claim: Claim) -> int:
+    """Bytes of `claim`'s body a batch holds in memory: none when it is streamed."""
+    return claim.size if claim.size <= STREAM_ABOVE else 0
+
+
 def _pieces(claims: list[Claim], limit: int) -> list[list[Claim]]:
     """`claims` in order, cut into runs whose in-memory bodies (those not streamed:
     at most STREAM_ABOVE each) add up to at most `limit`; one claim always makes a piece."""
     pieces: list[list[Claim]] = []
     used = 0
     for claim in claims:
-        size = claim.size if claim.size <= STREAM_ABOVE else 0
+        size = _in_memory(claim)
         if not pieces or used + size > limit:
             pieces.append([])
             used = 0
