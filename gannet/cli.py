@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from gannet import __version__
 from gannet import config as config_mod
 from gannet.config import Config, ConfigError
+from gannet.logsetup import setup_logging
 
 EXIT_OK, EXIT_NO, EXIT_USAGE = 0, 1, 2
 
@@ -148,31 +149,6 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 # -- serve / check-config ------------------------------------------------------------
-def setup_logging(fmt: str, level: str) -> None:
-    from gannet import maillog
-    from gannet.maillog import JsonFormatter
-
-    # Not needed in our lines, and each costs time on every record (frame walk).
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    maillog.configure(
-        structured=fmt == "json",
-        fast_stream=sys.stderr if fmt == "text" and level in ("debug", "info") else None,
-    )
-
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s gannet[%(process)d]: %(message)s", "%Y-%m-%dT%H:%M:%S")
-        )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args)
     setup_logging(args.log_format, args.log_level)

@@ -343,6 +343,7 @@ class _Reader(ValueReader):
                 "warn_after",
                 "local_concurrency",
                 "maildir_sync",
+                "local_at_enqueue",
                 "remote_concurrency",
                 "destination_concurrency",
                 "connect_timeout",
@@ -371,6 +372,7 @@ class _Reader(ValueReader):
             warn_after=self.duration(t, "warn_after", "delivery.warn_after", 4 * 3600),
             local_concurrency=self.integer(t, "local_concurrency", "delivery.local_concurrency", 8, 1, 256),
             maildir_sync=self.choice(t, "maildir_sync", "delivery.maildir_sync", ("batch", "file"), "batch"),
+            local_at_enqueue=self.boolean(t, "local_at_enqueue", "delivery.local_at_enqueue", True),
             remote_concurrency=self.integer(
                 t, "remote_concurrency", "delivery.remote_concurrency", 100, 1, 10000
             ),

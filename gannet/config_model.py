@@ -109,6 +109,9 @@ class DeliveryConfig:
     warn_after: float = 4 * 3600
     local_concurrency: int = 8  # Maildir writers working at once
     maildir_sync: str = "batch"  # "batch": syncfs once per batch (Linux >= 5.8); "file": fsync per file
+    # The SQLite queue's enqueue writer process writes fresh local mail into its
+    # Maildirs itself (delivery/local_at_enqueue.py); the delivery loop does the rest.
+    local_at_enqueue: bool = True
     remote_concurrency: int = 100  # outbound SMTP connections open at once, all destinations
     destination_concurrency: int = 20  # outbound connections to one destination
     connect_timeout: float = 30.0

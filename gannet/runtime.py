@@ -27,6 +27,7 @@ from gannet import config as config_mod
 from gannet import metrics
 from gannet.clock import SystemClock
 from gannet.config import Config, ConfigError
+from gannet.delivery import local_at_enqueue
 from gannet.mailauth import checker as mailauth_checker
 from gannet.mailauth.signing import Signer
 from gannet.policy.accounts import AccountsError, AccountsFile
@@ -47,11 +48,18 @@ log = logging.getLogger("gannet")
 SHUTDOWN_GRACE = 30.0
 
 
-def open_store(config: Config) -> QueueStore:
+def open_store(config: Config, log_format: str = "text") -> QueueStore:
     """SQLite or PostgreSQL per `[queue] url`, opened as the server: crash recovery,
     schema migration (PostgreSQL: under an advisory lock, so nodes that start
     together take turns); leases are left to the delivery worker."""
-    return make_store(config.queue, config.data_dir, Opener.SERVER)
+    local_delivery = _local_delivery(config, log_format)
+    return make_store(config.queue, config.data_dir, Opener.SERVER, local_delivery=local_delivery)
+
+
+def _local_delivery(config: Config, log_format: str) -> str:
+    """The enqueue writer's local delivery settings (JSON), or "" (delivery/local_at_enqueue.py)."""
+    settings = local_at_enqueue.settings_for(config, log_format)
+    return settings.to_json() if settings is not None else ""
 
 
 class Server:
@@ -81,7 +89,7 @@ class Server:
             )
         except metrics.DirectoryBusy as exc:
             raise ConfigError(config.file, "data_dir", str(exc)) from None
-        store = open_store(config)
+        store = open_store(config, self.log_format)
         try:
             await store.open()
         except QueueError as exc:  # the database is unreachable, or newer than this Gannet
@@ -100,6 +108,9 @@ class Server:
         tls = server_context(config.tls, config.file)
         delivery = DeliveryWorker(config, self.log_format)
         self.delivery = delivery
+        enqueuer = getattr(store, "enqueue_process", None)  # SqliteStore's writer process
+        if enqueuer is not None:  # it gave local mail back: the delivery loop takes it
+            enqueuer.on_released = delivery.wake
         services = Services(
             config=config,
             store=store,
@@ -208,6 +219,13 @@ class Server:
         if {"mailboxes", "delivery", "queue", "hostname"} & set(changed):
             self.delivery.config = new
             self._restart = asyncio.get_running_loop().create_task(self.delivery.restart(SHUTDOWN_GRACE))
+        enqueuer = getattr(self.store, "enqueue_process", None)
+        local_delivery = _local_delivery(new, self.log_format)
+        if enqueuer is not None and enqueuer.local_delivery != local_delivery:
+            # A Maildir template, the lease, on or off. Awaited here, so that a
+            # stop waits for it (run() awaits the reload) and never races it.
+            enqueuer.local_delivery = local_delivery
+            await enqueuer.restart()
 
     async def _reload_admin(self, new: Config) -> None:
         """[admin] changed: its server again, with the new settings. On a new

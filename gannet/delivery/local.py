@@ -362,7 +362,7 @@ class LocalDelivery(ClaimLoop):
     async def _write_piece(self, claims: list[Claim], executor: Executor) -> list[_Attempt]:
         sources = await asyncio.gather(*(self._source(c, executor) for c in claims))
         attempts: list[_Attempt] = []
-        jobs: list[_Job] = []
+        jobs: list[FileJob] = []
         for claim, source in zip(claims, sources, strict=True):
             for rcpt in claim.recipients:
                 if rcpt.transport is not Transport.LOCAL:
@@ -376,9 +376,9 @@ class LocalDelivery(ClaimLoop):
                 if isinstance(source, TempError):
                     attempts.append(_Attempt(claim, rcpt, source))
                 else:
-                    jobs.append(_Job(claim, rcpt, maildir, source))
+                    jobs.append(FileJob(claim, rcpt, maildir, source))
         if jobs:
-            results = await asyncio.get_running_loop().run_in_executor(executor, _write_and_commit, jobs)
+            results = await asyncio.get_running_loop().run_in_executor(executor, write_and_commit, jobs)
             for job, result in zip(jobs, results, strict=True):
                 attempts.append(_Attempt(job.claim, job.rcpt, _as_write_result(job, result)))
         return attempts
@@ -478,7 +478,7 @@ def _device(path: Path) -> int:
 
 
 @dataclass(slots=True)
-class _Job:
+class FileJob:
     """One file to write in a batch: a recipient's copy of a claimed message."""
 
     claim: Claim
@@ -487,7 +487,7 @@ class _Job:
     source: bytes | Path  # LF content, or a spool file (CRLF) to stream
 
 
-def _write_and_commit(jobs: Sequence[_Job]) -> list[Path | Exception]:
+def write_and_commit(jobs: Sequence[FileJob]) -> list[Path | Exception]:
     """In a thread: stage every file unsynced, then commit_batch per filesystem.
     Per job: its path in new/ (durable), or what went wrong."""
     staged: list[Path | Exception] = []
@@ -533,7 +533,7 @@ def _pieces(claims: list[Claim], limit: int) -> list[list[Claim]]:
     return pieces
 
 
-def _as_write_result(job: _Job, result: Path | Exception) -> WriteResult:
+def _as_write_result(job: FileJob, result: Path | Exception) -> WriteResult:
     if isinstance(result, Path):
         return Written(result)
     if isinstance(result, OSError):

@@ -26,8 +26,10 @@ class Opener(enum.Enum):
     TOOL = "tool"  # `gannet queue …`, `gannet db …`: no recovery
 
 
-def make_store(queue: QueueConfig, data_dir: Path, opener: Opener) -> QueueStore:
-    """A store for `queue` (not yet opened)."""
+def make_store(queue: QueueConfig, data_dir: Path, opener: Opener, *, local_delivery: str = "") -> QueueStore:
+    """A store for `queue` (not yet opened). `local_delivery`: for the server's
+    SQLite store, the enqueue writer's local delivery settings (JSON, see
+    delivery/local_at_enqueue.py), or "" for none."""
     spool_dir = data_dir / "spool"
     if queue.sqlite_path is not None:
         from gannet.queue.sqlite import SqliteStore
@@ -40,6 +42,7 @@ def make_store(queue: QueueConfig, data_dir: Path, opener: Opener) -> QueueStore
             # holds the worker lock, i.e. once any previous worker has really exited.
             release_leases_on_open=False,
             enqueue_process=opener is Opener.SERVER and queue.writer_process,
+            local_delivery=local_delivery if opener is Opener.SERVER else "",
         )
     try:
         from gannet.queue.postgres import PostgresStore

@@ -238,12 +238,13 @@ class PostgresStore:
 
     # --- the hot path ----------------------------------------------------------
 
-    async def enqueue(self, message: NewMessage) -> None:
+    async def enqueue(self, message: NewMessage) -> bool:
         prepared = await self._prepare(message)
         writer = self._writer
         if writer is None:
             raise QueueError("the queue store is not open")
         await writer.submit(prepared)
+        return False  # the delivery loops deliver everything here
 
     async def _prepare(self, message: NewMessage) -> ops.Prepared:
         """The message with its content: in memory as bodies rows, or its spool

@@ -91,6 +91,7 @@ class SqliteStore:
         release_leases_on_open: bool = True,
         max_batch: int = 512,
         enqueue_process: bool = False,
+        local_delivery: str = "",
     ) -> None:
         """`clock` is read only to date crash-recovery events (open() has no `now`).
         `max_batch` bounds how many requests one transaction carries.
@@ -98,7 +99,9 @@ class SqliteStore:
         whose delivery worker releases them itself, once it knows its predecessor
         has exited (it may still be finishing its last writes when the server
         restarts; releasing them under it would deliver those messages twice).
-        `enqueue_process=True` runs enqueues in a child process (the server's store)."""
+        `enqueue_process=True` runs enqueues in a child process (the server's store);
+        `local_delivery` (delivery/local_at_enqueue.Settings as JSON) has that
+        process deliver fresh local mail into Maildirs itself."""
         self.path = Path(path).absolute()
         self.spool_dir = Path(spool_dir).absolute()
         if self.path.is_relative_to(self.spool_dir):
@@ -110,6 +113,7 @@ class SqliteStore:
         self._max_batch = max_batch
         self._writer: Writer | None = None
         self._enqueue_process = enqueue_process
+        self._local_delivery = local_delivery
         self._enqueuer: EnqueueProcess | None = None
         self._closing = False
         self._stats = WriterStats()  # kept across close/open
@@ -161,8 +165,9 @@ class SqliteStore:
         if self._enqueue_process:
             # After recovery: the child must never race it for a spool file.
             self._enqueuer = EnqueueProcess(
-                self.path, self.spool_dir, node=self._ctx.node, max_batch=self._max_batch, stats=self._stats
-            )
+                self.path, self.spool_dir, node=self._ctx.node, max_batch=self._max_batch, stats=self._stats,
+                local_delivery=self._local_delivery,
+            )  # fmt: skip
             await self._enqueuer.start()
 
     async def close(self) -> None:
@@ -206,7 +211,7 @@ class SqliteStore:
 
     # --- the hot path ----------------------------------------------------------
 
-    async def enqueue(self, message: NewMessage) -> None:
+    async def enqueue(self, message: NewMessage) -> bool:
         if isinstance(message.body, SpooledBody):
             ops.spool_name(self._ctx, message.body)  # ValueError now, not in the writer
         enqueuer = self._enqueuer
@@ -219,8 +224,10 @@ class SqliteStore:
                     "queue: %s: the enqueue writer process exited; storing it again unless stored",
                     message.queue_id,
                 )
-                return await self._call(ops.enqueue_unless_stored, message)
+                await self._call(ops.enqueue_unless_stored, message)
+                return False
         await self._call(ops.enqueue_one, message, self._enqueue_many)
+        return False
 
     async def claim_due(
         self,

@@ -17,6 +17,12 @@ its end (after answering what it had read); the kernel kills it the moment
 the server dies (gannet/util/parent_watch.py), so that nothing of it can commit once
 a restarted server has begun its crash recovery.
 
+With `--local-delivery` (`[delivery] local_at_enqueue`) it also delivers the
+local mail it has just committed: `_Local` leases those recipients in the
+enqueue transaction, hands them to delivery/local_at_enqueue.py's thread after
+answering, and records that thread's results in a transaction of their own
+(docs/queue.md, "Local delivery at enqueue").
+
 Never: accept requests from anything but its parent's socket (marshal), touch a
 message the server did not hand it, or answer before the COMMIT.
 """
@@ -24,20 +30,31 @@ message the server did not hand it, or answer before the COMMIT.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+import select
 import signal
 import socket
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from gannet import maillog, metrics
+from gannet.delivery.local_at_enqueue import LocalAtEnqueue, Settings
+from gannet.logsetup import setup_logging
 from gannet.queue import sqlite_enqueue_wire as wire
 from gannet.queue import sqlite_ops as ops
+from gannet.queue.model import Claim, InlineBody, NewMessage, Transport
 from gannet.queue.sqlite_schema import connect
 from gannet.queue.sqlite_writer import Job, Writer, WriterStats
 from gannet.util.parent_watch import exit_with_parent
+
+log = logging.getLogger("gannet.queue")
 
 RECV_SIZE = 1 << 20
 
@@ -50,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--parent-pid", type=int)
+    parser.add_argument("--local-delivery", metavar="JSON", help="deliver fresh local mail (Settings)")
     args = parser.parse_args(argv)
     if not exit_with_parent(args.parent_pid, sig=signal.SIGKILL, who="queue enqueue writer"):
         return 1
@@ -68,9 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the server sees EOF, logs our stderr, keeps its thread writer
         print(f"gannet enqueue writer: cannot open {db}: {exc}", file=sys.stderr)
         return 1
+    ctx = ops.Ctx(args.spool_dir, args.node, time.time)
+    local = None
     try:
+        if args.local_delivery:
+            local = _Local.start(Settings.from_json(args.local_delivery), writer, ctx)
         sock.sendall(wire.frame(wire.READY))
-        _serve(sock, writer, ops.Ctx(args.spool_dir, args.node, time.time), commits, args.max_batch)
+        if local is not None and local.released_at_start:  # the delivery loop is to look again
+            sock.sendall(wire.Reply(released=True).encode())
+        _serve(sock, writer, ctx, commits, args.max_batch, local)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the server is gone: nobody is waiting for an answer
     finally:
@@ -78,42 +102,194 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+@dataclass(slots=True)
+class _Fresh:
+    """The claim of one group's local recipients, waiting to be handed over."""
+
+    bodies: dict[str, bytes]
+    claims: list[Claim] = field(default_factory=list)
+
+
+class _Local:
+    """The writer's side of local delivery at enqueue (delivery/local_at_enqueue.py):
+    which messages to claim, the jobs that claim them and record the results,
+    and what the server is told (taken, released)."""
+
+    def __init__(self, delivery: LocalAtEnqueue, ready_fd: int, released_at_start: int) -> None:
+        self.delivery = delivery
+        self.ready_fd = ready_fd
+        self.released_at_start = released_at_start
+        self._fresh: _Fresh | None = None
+
+    @classmethod
+    def start(cls, settings: Settings, writer: Writer, ctx: ops.Ctx) -> _Local:
+        """Set up logging and metrics as the server's, give back what a previous
+        writer left claimed (it has exited: the server waited for it, or the
+        kernel killed it with its server), start the thread."""
+        setup_logging(settings.log_format, "info")
+        if metrics.multiprocess():
+            metrics.configure(settings.metric_domains)
+        release = Job(partial(ops.release_leases, ctx), settings.owner, None)
+        ((_, released, error),) = writer.run_here([release])
+        if error is not None:
+            raise error
+        if released:
+            log.info("queue: %d local recipient(s) a previous enqueue writer claimed are due again", released)
+        ready_r, ready_w = os.pipe()
+        os.set_blocking(ready_w, False)
+
+        def ready() -> None:
+            with contextlib.suppress(BlockingIOError):  # a byte is already waiting
+                os.write(ready_w, b"!")
+
+        delivery = LocalAtEnqueue(settings, ready)
+        delivery.start()
+        return cls(delivery, ready_r, released)
+
+    def claim_jobs(self, ctx: ops.Ctx, group: list[tuple[int, NewMessage]]) -> list[Job]:
+        """The job that leases the group's local recipients, in its transaction.
+        Its `future` is its kind (a str; the requests' are ints), so that
+        `conclude` can find its result."""
+        fresh = [
+            m
+            for _, m in group
+            if isinstance(m.body, InlineBody)
+            and not m.held
+            and any(r.transport is Transport.LOCAL for r in m.recipients)
+        ]
+        self._fresh = None
+        if not fresh or not self.delivery.has_room():
+            return []
+        self._fresh = _Fresh({m.queue_id: m.body.data for m in fresh if isinstance(m.body, InlineBody)})
+        settings = self.delivery.settings
+        claim = (fresh, time.time() + settings.lease_seconds, settings.owner)
+        return [Job(partial(ops.claim_fresh, ctx), claim, _CLAIM)]
+
+    def result_jobs(self, ctx: ops.Ctx) -> list[Job]:
+        """The jobs that record the deliveries done and give back the rest, in a
+        transaction of their own after the enqueues' answers went out (a COMMIT
+        without fsync measured no faster, and would leave an idle server's last
+        records to a later commit)."""
+        results = self.delivery.take_results()
+        jobs: list[Job] = []
+        if results.delivered:
+            record = (results.delivered, ())
+            jobs.append(Job(partial(ops.record, ctx), record, _RECORD))
+        if results.given_back:
+            back = (results.given_back, time.time())
+            jobs.append(Job(partial(ops.give_back, ctx), back, _GIVE_BACK))
+        return jobs
+
+    def conclude(
+        self, done: list[tuple[Any, Any, BaseException | None]], group: list[tuple[int, NewMessage]]
+    ) -> tuple[list[int], bool]:
+        """Read the extra jobs' results. Returns the request numbers whose
+        recipients are all claimed here (the server need not wake the delivery
+        loop), and whether any recipient was given back (it must)."""
+        taken: list[int] = []
+        released = False
+        for kind, result, error in done:
+            if not isinstance(kind, str):
+                continue  # a request's answer
+            if error is not None:
+                log.error("queue: local delivery at enqueue: %s failed: %s", kind, error)
+                if kind == _CLAIM:
+                    self._fresh = None  # nothing is leased: the delivery loop delivers them
+                elif kind == _RECORD:
+                    log.error("queue: those recipients will be delivered again when their leases expire")
+            elif kind == _CLAIM and self._fresh is not None:
+                self._fresh.claims = result
+                claimed = {claim.queue_id: len(claim.recipients) for claim in result}
+                taken = [n for n, m in group if claimed.get(m.queue_id) == len(m.recipients)]
+            elif kind == _RECORD:
+                for queue_id in result:
+                    maillog.removed(queue_id)
+            elif kind == _GIVE_BACK:
+                released = True
+        return taken, released
+
+    def hand_claims(self) -> None:
+        fresh, self._fresh = self._fresh, None
+        if fresh is not None and fresh.claims:
+            self.delivery.hand([(claim, fresh.bodies[claim.queue_id]) for claim in fresh.claims])
+
+
+_CLAIM, _RECORD, _GIVE_BACK = "claim", "record", "give back"
+
+
 def _serve(
-    sock: socket.socket, writer: Writer, ctx: ops.Ctx, commits: list[wire.Commit], max_batch: int
+    sock: socket.socket,
+    writer: Writer,
+    ctx: ops.Ctx,
+    commits: list[wire.Commit],
+    max_batch: int,
+    local: _Local | None,
 ) -> None:
     one, bulk = partial(ops.enqueue_one, ctx), partial(ops.enqueue_many, ctx)
     frames = wire.FrameBuffer()
     while True:
-        requests, open_ = _receive(sock, frames)
-        for start in range(0, len(requests), max_batch):
-            group = map(wire.message_of, requests[start : start + max_batch])
+        requests, open_ = _receive(sock, frames, local.ready_fd if local else None)
+        messages = [wire.message_of(r) for r in requests]
+        for start in range(0, len(messages), max_batch):
+            group = messages[start : start + max_batch]
             jobs = [Job(one, message, number, bulk) for number, message in group]
-            writer.stats = WriterStats()
-            done = writer.run_here(jobs)
-            reply = wire.Reply(
-                answers=[(number, wire.error_of(exc)) for number, _, exc in done],
-                commits=commits[:],
-                stats=tuple(float(getattr(writer.stats, f)) for f in wire.STAT_FIELDS),
-            )
-            commits.clear()
-            sock.sendall(reply.encode())
+            if local is not None:  # the claim of their local recipients goes in the same transaction
+                jobs += local.claim_jobs(ctx, group)
+            _transaction(sock, writer, commits, jobs, group, local)
+        if local is not None:
+            if not open_:  # write what it holds, then record it all before going
+                local.delivery.stop()
+            # Apart from the enqueues, after their answers went out: the 250s do not
+            # wait for these statements.
+            _transaction(sock, writer, commits, local.result_jobs(ctx), [], local)
         if not open_:
             return
 
 
-def _receive(sock: socket.socket, frames: wire.FrameBuffer) -> tuple[list[Any], bool]:
-    """Wait for at least one request, then take everything else already sent
-    (that is the group in group commit). Returns (requests, still open)."""
+def _transaction(
+    sock: socket.socket,
+    writer: Writer,
+    commits: list[wire.Commit],
+    jobs: list[Job],
+    group: list[tuple[int, NewMessage]],
+    local: _Local | None,
+) -> None:
+    """Run `jobs` (a group's enqueues, or local delivery's results) and tell the
+    server: the answers, and with local delivery what was taken or released."""
+    if not jobs:
+        return
+    writer.stats = WriterStats()
+    done = writer.run_here(jobs)
+    answers = [(number, wire.error_of(exc)) for number, _, exc in done if isinstance(number, int)]
+    taken, released = local.conclude(done, group) if local is not None else ([], False)
+    reply = wire.Reply(
+        answers=answers,
+        commits=commits[:],
+        stats=tuple(float(getattr(writer.stats, f)) for f in wire.STAT_FIELDS),
+        taken=taken,
+        released=released,
+    )
+    commits.clear()
+    sock.sendall(reply.encode())
+    if local is not None:
+        local.hand_claims()  # after the answers: the 250s do not wait for the Maildirs
+
+
+def _receive(sock: socket.socket, frames: wire.FrameBuffer, ready_fd: int | None) -> tuple[list[Any], bool]:
+    """Wait for at least one request (or for local delivery's results), then take
+    everything else already sent (that is the group in group commit). Returns
+    (requests, still open)."""
+    watched = [sock.fileno()] if ready_fd is None else [sock.fileno(), ready_fd]
+    readable, _, _ = select.select(watched, [], [])
+    if ready_fd in readable:
+        os.read(ready_fd, 4096)  # the results are taken by the group that follows
     requests: list[Any] = []
-    flags = 0  # block for the first request only
     try:
         while True:
-            data = sock.recv(RECV_SIZE, flags)
+            data = sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
             if not data:
                 return requests, False
             requests += frames.feed(data)
-            if requests:
-                flags = socket.MSG_DONTWAIT
     except BlockingIOError:
         return requests, True
 

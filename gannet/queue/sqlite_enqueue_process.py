@@ -30,6 +30,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gannet import metrics
@@ -54,14 +55,26 @@ class EnqueueProcess:
     READ_SIZE = 1 << 16
 
     def __init__(
-        self, database: Path, spool_dir: Path, *, node: str, max_batch: int, stats: WriterStats
+        self,
+        database: Path,
+        spool_dir: Path,
+        *,
+        node: str,
+        max_batch: int,
+        stats: WriterStats,
+        local_delivery: str = "",
     ) -> None:
+        """`local_delivery`: the child delivers fresh local mail itself with these
+        settings (delivery/local_at_enqueue.Settings as JSON); "" for not."""
         self._argv = [
             sys.executable, "-m", "gannet.queue.sqlite_enqueue_child", str(database), str(spool_dir),
             "--node", node, "--max-batch", str(max_batch), "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
+        self.local_delivery = local_delivery  # read at each (re)start of the child
+        # Called when the child gave local recipients back to the delivery loop.
+        self.on_released: Callable[[], None] = lambda: None
         self._stats = stats
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._pending: dict[int, asyncio.Future[bool]] = {}
         self._numbers = itertools.count()
         self._stream: asyncio.StreamWriter | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -89,17 +102,24 @@ class EnqueueProcess:
         except TimeoutError:
             log.warning("queue: the enqueue writer process is not ready after %.0fs; using the thread", wait)
 
-    async def enqueue(self, message: NewMessage) -> None:
-        """Durable on return. Raises QueueError (WriterGone if the child died
-        holding it) or ValueError, like the thread writer's enqueue."""
+    async def enqueue(self, message: NewMessage) -> bool:
+        """Durable on return; True when the child delivers all its recipients
+        itself (local delivery at enqueue). Raises QueueError (WriterGone if the
+        child died holding it) or ValueError, like the thread writer's enqueue."""
         stream = self._stream
         if stream is None or not self.ready:
             raise WriterGone("the enqueue writer process is not running")
         number = next(self._numbers)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending[number] = future
         stream.write(wire.request(number, message))
-        await future
+        return await future
+
+    async def restart(self, grace: float = 30.0) -> None:
+        """A new child, started with the current `local_delivery` (a reload changed
+        it); the store uses its thread until the new one is ready."""
+        await self.stop(grace)
+        await self.start()
 
     async def stop(self, grace: float = 30.0) -> None:
         """Let the child answer what it was sent, then exit (killed after `grace`)."""
@@ -150,8 +170,9 @@ class EnqueueProcess:
         """Run one child until it exits; returns its exit status."""
         ours, theirs = socket.socketpair()
         try:
+            local = ("--local-delivery", self.local_delivery) if self.local_delivery else ()
             proc = await asyncio.create_subprocess_exec(
-                *self._argv, "--fd", str(theirs.fileno()), pass_fds=(theirs.fileno(),)
+                *self._argv, *local, "--fd", str(theirs.fileno()), pass_fds=(theirs.fileno(),)
             )
         except BaseException:
             ours.close()
@@ -191,15 +212,18 @@ class EnqueueProcess:
 
     def _answer(self, reply: wire.Reply) -> None:
         pending = self._pending
+        taken = set(reply.taken)
         for number, error in reply.answers:
             self.answered += 1
             future = pending.pop(number, None)
             if future is None or future.done():  # the session went away; the work stands
                 continue
             if error is None:
-                future.set_result(None)
+                future.set_result(number in taken)
             else:
                 future.set_exception(wire.exception_of(error))
+        if reply.released:
+            self.on_released()
         for seconds, fsync in reply.commits:
             metrics.store_commit(seconds, fsync)
         stats = self._stats

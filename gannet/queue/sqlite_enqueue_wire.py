@@ -15,7 +15,8 @@ but our own child: marshal is not safe against crafted input.
 Frames: a 4-byte big-endian length, then marshal.dumps(value).
   server → writer  (number, message tuple)            one per enqueue
   writer → server  READY                               once, when the database is open
-                   (answers, commits, stats)           one per transaction group
+                   (answers, commits, stats, taken, released)
+                                                       one per transaction group
 """
 
 from __future__ import annotations
@@ -113,15 +114,20 @@ class Reply:
 
     answers: list[Answer] = field(default_factory=list)
     commits: list[Commit] = field(default_factory=list)
-    stats: tuple[float, ...] = ()
+    stats: tuple[float, ...] = (0.0,) * len(STAT_FIELDS)
+    # Local delivery at enqueue (delivery/local_at_enqueue.py): the requests whose
+    # recipients the writer delivers itself, and whether it gave any back to the
+    # delivery loop (the server then wakes it).
+    taken: list[int] = field(default_factory=list)
+    released: bool = False
 
     def encode(self) -> bytes:
-        return frame((self.answers, self.commits, self.stats))
+        return frame((self.answers, self.commits, self.stats, self.taken, self.released))
 
     @classmethod
     def of(cls, value: Any) -> Reply:
-        answers, commits, stats = value
-        return cls(answers, commits, tuple(stats))
+        answers, commits, stats, taken, released = value
+        return cls(answers, commits, tuple(stats), taken, released)
 
 
 class FrameBuffer:

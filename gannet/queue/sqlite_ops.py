@@ -250,6 +250,51 @@ def claim_expired(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: ClaimExpire
     return _lease(conn, rows, now + lease_seconds, owner)
 
 
+# Local delivery by the enqueue writer (delivery/local_at_enqueue.py): the local
+# recipients of messages inserted in this very transaction, leased before the
+# COMMIT makes them visible, so that no delivery loop can claim them first.
+# Parked (held) messages and NOTIFY=SUCCESS recipients (they need a DSN, which
+# only the delivery loop writes) are left to the loop.
+_CLAIM_FRESH_SQL = """
+    UPDATE recipients SET state = 'delivering', lease_owner = ?, lease_token = ?, lease_until = ?
+    WHERE queue_id IN ({marks}) AND transport = 'local' AND state = 'queued' AND parked = 0
+      AND (notify IS NULL OR (notify & 1) = 0)
+    RETURNING id, queue_id, address, transport, domain, mailbox, original, orcpt, notify
+"""
+
+ClaimFreshArgs = tuple[Sequence[NewMessage], float, str]
+
+
+def claim_fresh(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: ClaimFreshArgs) -> list[Claim]:
+    """Lease to `owner` until `lease_until` the local recipients of `messages`,
+    enqueued in this transaction: one statement, the message columns taken from
+    the messages themselves rather than read back."""
+    messages, lease_until, owner = arg
+    token = secrets.token_hex(12)
+    by_message: dict[str, list[ClaimedRecipient]] = {}
+    for chunk in _chunks([m.queue_id for m in messages]):
+        sql = _CLAIM_FRESH_SQL.format(marks=_marks(len(chunk)))
+        rows = conn.execute(sql, (owner, token, lease_until, *chunk))
+        for rid, qid, address, tr, domain, mailbox, original, orcpt, notify in rows:
+            by_message.setdefault(qid, []).append(
+                ClaimedRecipient(
+                    rid, address, Transport(tr), domain, mailbox, original, orcpt, notify, attempts=0,
+                    lease_token=token,
+                )
+            )  # fmt: skip
+    claims = []
+    for m in messages:
+        if m.queue_id in by_message:
+            rcpts = tuple(sorted(by_message[m.queue_id], key=lambda r: r.recipient_id))
+            claims.append(
+                Claim(
+                    m.queue_id, m.sender, m.received_at, m.envid, m.ret, m.smtputf8, m.body_8bit, m.body.size,
+                    rcpts, lease_until,
+                )
+            )  # fmt: skip
+    return claims
+
+
 def _lease(conn: sqlite3.Connection, rows: list[Any], lease_until: float, owner: str) -> list[Claim]:
     """Lease `rows` (_CLAIM_COLUMNS) to `owner` and group them into Claims, in row order."""
     if not rows:
@@ -493,6 +538,23 @@ _RELEASE_OWNER = (
 def release_leases(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, owner: str) -> int:
     """A restarted worker gives back what its dead predecessor (same owner) claimed."""
     return conn.execute(_RELEASE_OWNER, (owner,)).rowcount
+
+
+_GIVE_BACK = (
+    "UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "
+    f"next_attempt = MIN(next_attempt, ?), {_CLEAR_LEASE} "
+    "WHERE id = ? AND lease_token = ? AND state = 'delivering'"
+)
+
+
+GiveBackArgs = tuple[Sequence[tuple[int, str]], float]
+
+
+def give_back(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: GiveBackArgs) -> int:
+    """Release single leases (recipient id, token), due at `now`: work a holder
+    hands to the delivery loop instead of recording an outcome. Fenced like record."""
+    leases, now = arg
+    return sum(conn.execute(_GIVE_BACK, (now, rid, token)).rowcount for rid, token in leases)
 
 
 # Renewal, fenced like record: only rows still delivering under the very token

@@ -69,8 +69,11 @@ class QueueStore(Protocol):
     async def close(self) -> None:
         """Flush pending writes and release the database."""
 
-    async def enqueue(self, message: NewMessage) -> None:
-        """Durably store `message` (group-committed). Raises QueueError on failure."""
+    async def enqueue(self, message: NewMessage) -> bool:
+        """Durably store `message` (group-committed). Raises QueueError on failure.
+        True when every recipient is already in a delivery agent's hands (the
+        SQLite enqueue writer delivering local mail itself): nobody need wake the
+        delivery loops for it. False: wake them."""
 
     async def claim_due(
         self,

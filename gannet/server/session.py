@@ -366,7 +366,7 @@ class Session:
                 return [auth.reject] * n_replies
             body = auth.body
             message = self._new_message(txn, body, auth.events)
-            await self.services.store.enqueue(message)
+            in_hand = await self.services.store.enqueue(message)
         except (QueueError, OSError) as exc:
             log.error("%s: could not queue the message from %s: %s", txn.queue_id, self.client, exc)
             self._end_transaction()
@@ -383,7 +383,8 @@ class Session:
             self.conn.authenticated or "",
             txn.message_id,
         )
-        self.services.on_enqueued()
+        if not in_hand:  # else the queue's writer delivers it itself (delivery/local_at_enqueue.py)
+            self.services.on_enqueued()
         queue_id = txn.queue_id
         self._end_transaction()
         return [R.queued(queue_id)] * n_replies

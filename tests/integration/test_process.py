@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -251,3 +252,43 @@ def test_sighup_moves_the_admin_server(gannet: Gannet) -> None:
     _rewrite(server, lambda config: config["admin"].update(address=new))
     _reloads(server, "reloaded")
     assert health(new) == 200 and health(old) is None
+
+
+def _sent_by(server: peers.GannetProcess, subject: str) -> int:
+    """The PID in the mail log's status=sent line of the message `subject` (send())."""
+    log = server.log_text()
+    queued = re.search(rf"gannet\[\d+\]: (\w+): from=.*message-id=<{subject}@t>", log)
+    assert queued, f"{subject!r} not queued"
+    sent = re.search(rf"gannet\[(\d+)\]: {queued.group(1)}: to=<[^>]+>, relay=maildir, .*status=sent", log)
+    assert sent, f"{subject!r} not delivered"
+    return int(sent.group(1))
+
+
+def _enqueue_writers(server: peers.GannetProcess) -> list[int]:
+    return [p for p in peers.child_pids(server.pid) if b"sqlite_enqueue_child" in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_the_queue_writer_delivers_local_mail_until_a_reload_turns_it_off(gannet: Gannet) -> None:
+    """[delivery] local_at_enqueue (on by default): the enqueue writer process
+    writes fresh local mail itself; a reload that turns it off restarts that
+    process, and the delivery worker delivers from then on."""
+    server = gannet()
+    wait_subject(server, send(server, "by-the-writer"))
+    (writer,) = _enqueue_writers(server)
+    assert _sent_by(server, "by-the-writer") == writer
+    ready = server.log_text().count("writer process")
+    _rewrite(server, lambda c: c.setdefault("delivery", {}).update(local_at_enqueue=False))
+    os.kill(server.pid, signal.SIGHUP)
+    peers.wait_for(
+        lambda: server.log_text().count("writer process") > ready and writer not in _enqueue_writers(server),
+        15, "a new enqueue writer process",
+    )  # fmt: skip
+    wait_subject(server, send(server, "by-the-worker"))
+    assert _sent_by(server, "by-the-worker") in worker_pids(server)

@@ -644,13 +644,13 @@ async def test_a_batch_of_bodies_over_the_budget_is_written_in_pieces_and_record
 
     monkeypatch.setattr(local, "BODY_BUDGET", 3 * 5000)  # pieces of at most 5,000 bytes
     trips: list[int] = []
-    real = local._write_and_commit
+    real = local.write_and_commit
 
     def counting(jobs: Sequence[Any]) -> list[Path | Exception]:
         trips.append(len(jobs))
         return real(jobs)
 
-    monkeypatch.setattr(local, "_write_and_commit", counting)
+    monkeypatch.setattr(local, "write_and_commit", counting)
     harness = Harness(tmp_path, batch=16, batch_sync=True)
     body = b"Subject: piece\r\n\r\n" + b"z" * 2400 + b"\r\n"
     await harness.enqueue(*(harness.message(f"Q{i}", f"u{i}@example.test", body=body) for i in range(5)),

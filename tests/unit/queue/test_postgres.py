@@ -272,7 +272,7 @@ async def test_a_spooled_body_commits_beside_a_failing_message_of_its_batch(node
     spooled = NewMessage(new_queue_id(), "a@a.test", first.recipients, SpooledBody(path, len(data)), T0)
     duplicate = NewMessage(first.queue_id, "a@a.test", first.recipients, InlineBody(b"x\r\n"), T0)
     results = await asyncio.gather(a.enqueue(spooled), a.enqueue(duplicate), return_exceptions=True)
-    assert results[0] is None and isinstance(results[1], QueueError)
+    assert results[0] is False and isinstance(results[1], QueueError)
     assert await a.read_body(spooled.queue_id) == data and not path.exists()
 
 
@@ -321,7 +321,7 @@ async def test_a_spool_file_gone_before_its_commit_fails_only_its_message(nodes:
     results = await asyncio.gather(submit(ops.Prepared(lost, (), spool=gone)), a.enqueue(kept),
                                    return_exceptions=True)  # fmt: skip
     assert isinstance(results[0], QueueError) and "cannot read the spooled body" in str(results[0])
-    assert results[1] is None
+    assert results[1] is False
     assert [m.queue_id for m in await a.list_messages()] == [kept.queue_id]
 
 

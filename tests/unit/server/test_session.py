@@ -23,12 +23,14 @@ class ControlledStore:
     fail: bool = False
     release: asyncio.Event = field(default_factory=asyncio.Event)
     stored: list[NewMessage] = field(default_factory=list)
+    in_hand: bool = False  # what enqueue says: the store's writer delivers it itself
 
-    async def enqueue(self, message: NewMessage) -> None:
+    async def enqueue(self, message: NewMessage) -> bool:
         if self.fail:
             raise QueueError("disk full")
         await self.release.wait()
         self.stored.append(message)
+        return self.in_hand
 
 
 @pytest.fixture
@@ -96,3 +98,28 @@ async def test_250_is_sent_only_after_the_commit_returns(running: tuple[Listener
     assert reply.startswith(b"250 2.0.0 queued as ")
     assert store.stored and reply.split()[-1].decode() == store.stored[0].queue_id
     writer.close()
+
+
+@pytest.mark.parametrize("in_hand", [False, True])
+async def test_the_delivery_loop_is_woken_unless_the_store_delivers_it(tmp_path: Path, in_hand: bool) -> None:
+    """The SQLite writer that delivers local mail itself answers True: no wake-up
+    (the delivery loop would claim nothing, and its claim would cost a commit)."""
+    path = tmp_path / "gannet.toml"
+    path.write_text('hostname = "mx.test"\n[[listen]]\naddress = "127.0.0.1:0"\n'
+                    '[relay]\nlocal_domains = ["example.test"]\n'
+                    '[mailboxes]\naliases = { "postmaster@example.test" = ["x@elsewhere.test"] }\n')
+    store = ControlledStore(in_hand=in_hand)
+    store.release.set()
+    services = services_for(config_mod.load(path), store)
+    wakes: list[None] = []
+    services.on_enqueued = lambda: wakes.append(None)
+    listeners = Listeners(services)
+    await listeners.start()
+    try:
+        ((_, port),) = listeners.bound_ports()
+        _, writer, replies = await dialog(port, [*MESSAGE, b"Subject: x\r\n\r\nbody\r\n.\r\n"])
+        assert replies[-1].startswith(b"250 2.0.0 queued as ")
+        assert wakes == ([] if in_hand else [None])
+        writer.close()
+    finally:
+        await listeners.stop(5)

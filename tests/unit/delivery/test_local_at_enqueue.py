@@ -1,0 +1,298 @@
+"""Local delivery by the enqueue writer process (delivery/local_at_enqueue.py,
+driven by queue/sqlite_enqueue_child.py): the real child on a real SQLite
+queue writes fresh local mail into real Maildirs, leaves to the delivery loop
+what is not its to deliver, hands back what it cannot write, and a SIGKILL at
+any point loses nothing (the delivery loop delivers what it left)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gannet.clock import SystemClock
+from gannet.config import Config, ConfigError, DeliveryConfig
+from gannet.config import load as load_config
+from gannet.delivery.local import LocalDelivery
+from gannet.delivery.local_at_enqueue import OWNER, Settings, settings_for
+from gannet.delivery.maildir import SYNCFS_AVAILABLE
+from gannet.queue.ids import new_queue_id
+from gannet.queue.model import InlineBody, NewMessage, NewRecipient, RecipientState, SpooledBody, Transport
+from gannet.queue.sqlite import SqliteStore
+from gannet.queue.sqlite_enqueue_process import EnqueueProcess
+from gannet.smtp.events import Notify
+
+pytestmark = pytest.mark.skipif(not SYNCFS_AVAILABLE, reason="local delivery at enqueue needs syncfs")
+
+LEASE = 600.0  # longer than any test: only a release, never an expiry, frees a recipient
+
+
+def local(address: str, **kwargs: object) -> NewRecipient:
+    return NewRecipient(address, Transport.LOCAL, address.rpartition("@")[2], mailbox=address, **kwargs)
+
+
+def message(*rcpts: NewRecipient, body: bytes | None = None, held: bool = False) -> NewMessage:
+    qid = new_queue_id()
+    data = body if body is not None else f"Message-ID: <{qid}@test>\r\n\r\nhello\r\n".encode()
+    return NewMessage(qid, "a@remote.test", rcpts, InlineBody(data), time.time(), held=held)
+
+
+class Queue:
+    """A server's SQLite store with its enqueue writer delivering local mail."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "mail"
+        self.template = str(self.root / "{domain}" / "{user}")
+        (tmp_path / "spool").mkdir(exist_ok=True)
+        self.spool = tmp_path / "spool"
+        self.store = SqliteStore(
+            tmp_path / "queue.db",
+            spool_dir=self.spool,
+            enqueue_process=True,
+            release_leases_on_open=False,
+            local_delivery=Settings(self.template, LEASE).to_json(),
+        )
+        self.released = 0
+
+    async def open(self) -> None:
+        await self.store.open()
+        assert self.enqueuer.ready, "the enqueue writer process did not start"
+        self.enqueuer.on_released = self._on_released
+
+    def _on_released(self) -> None:
+        self.released += 1
+
+    @property
+    def enqueuer(self) -> EnqueueProcess:
+        enqueuer = self.store.enqueue_process
+        assert enqueuer is not None
+        return enqueuer
+
+    def files(self, mailbox: str) -> list[Path]:
+        user, _, domain = mailbox.partition("@")
+        new = self.root / domain / user / "new"
+        return sorted(new.iterdir()) if new.is_dir() else []
+
+    async def states(self, qid: str) -> dict[str, RecipientState]:
+        views = {v.queue_id: v for v in await self.store.list_messages()}
+        return {r.address: r.state for r in views[qid].recipients} if qid in views else {}
+
+
+@pytest.fixture
+async def q(tmp_path: Path) -> AsyncIterator[Queue]:
+    queue = Queue(tmp_path)
+    await queue.open()
+    try:
+        yield queue
+    finally:
+        await queue.store.close()
+
+
+async def until(cond: Callable[[], object], what: str, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def until_async(cond: Callable[[], object], what: str, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await cond():  # type: ignore[misc]
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_fresh_local_mail_is_delivered_by_the_writer_alone(q: Queue) -> None:
+    """No delivery loop runs here: the child writes the file, records it, and
+    the message leaves the queue with its history."""
+    m = message(local("bob@example.test"), local("carol@example.test"))
+    assert await q.store.enqueue(m) is True  # nobody need wake the delivery loop
+    await until_async(lambda: _empty(q), "the message to leave the queue")
+    for rcpt in ("bob@example.test", "carol@example.test"):
+        (path,) = q.files(rcpt)
+        expected = f"Return-Path: <a@remote.test>\nDelivered-To: {rcpt}\n"
+        expected += f"Message-ID: <{m.queue_id}@test>\n\nhello\n"
+        assert path.read_bytes() == expected.encode()
+    events = [(e.recipient, e.event) for e in await q.store.trace(m.queue_id)]
+    assert ("bob@example.test", "delivered") in events and ("carol@example.test", "delivered") in events
+
+
+async def _empty(q: Queue) -> bool:
+    return not await q.store.list_messages()
+
+
+async def test_a_stream_of_messages_is_delivered_once_each(q: Queue) -> None:
+    sent = [message(local(f"u{i % 7}@example.test")) for i in range(300)]
+    taken = await asyncio.gather(*(q.store.enqueue(m) for m in sent))
+    assert all(taken)
+    await until_async(lambda: _empty(q), "the queue to empty")
+    found = [p.read_bytes() for i in range(7) for p in q.files(f"u{i}@example.test")]
+    ids = sorted(b.split(b"Message-ID: <", 1)[1].split(b"@", 1)[0].decode() for b in found)
+    assert ids == sorted(m.queue_id for m in sent)
+    assert q.released == 0
+
+
+async def test_what_is_not_the_writers_is_left_queued_for_the_delivery_loop(q: Queue) -> None:
+    """Remote recipients, NOTIFY=SUCCESS (a DSN only the loop writes), held
+    messages and spooled bodies: queued, not leased, and the server is told to
+    wake the delivery loop (enqueue returns False)."""
+    mixed = message(local("bob@example.test"), NewRecipient("x@remote.test", Transport.SMTP, "remote.test"))
+    success = message(local("carol@example.test", notify=Notify.SUCCESS.value))
+    held = message(local("dave@example.test"), held=True)
+    path = q.spool / "big.eml"
+    path.write_bytes(b"Subject: big\r\n\r\n" + b"x" * 20_000)
+    body = SpooledBody(path, path.stat().st_size)
+    spooled = NewMessage(new_queue_id(), "a@remote.test", (local("erin@example.test"),), body, time.time())
+    for m in (mixed, success, held, spooled):
+        assert await q.store.enqueue(m) is False, m
+    await until(lambda: q.files("bob@example.test"), "the local half of the mixed message")
+    await until_async(
+        lambda: _state_is(q, mixed.queue_id, "bob@example.test", RecipientState.DELIVERED), "bob's record"
+    )
+    assert (await q.states(mixed.queue_id))["x@remote.test"] is RecipientState.QUEUED
+    assert await q.states(success.queue_id) == {"carol@example.test": RecipientState.QUEUED}
+    assert await q.states(held.queue_id) == {"dave@example.test": RecipientState.QUEUED}
+    assert await q.states(spooled.queue_id) == {"erin@example.test": RecipientState.QUEUED}
+    for rcpt in ("carol@example.test", "dave@example.test", "erin@example.test"):
+        assert q.files(rcpt) == []
+
+
+async def _state_is(q: Queue, qid: str, address: str, state: RecipientState | None) -> bool:
+    return (await q.states(qid)).get(address) == state
+
+
+async def test_what_cannot_be_written_is_given_back_due_now(q: Queue) -> None:
+    """A file where the Maildir should be, and a mailbox name that is no path:
+    the recipients are queued again at once (not leased), nothing recorded,
+    and the server is told to wake the delivery loop."""
+    blocked = q.root / "example.test" / "blocked"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a directory")
+    m = message(local("blocked@example.test"), local("../evil@example.test"), local("ok@example.test"))
+    before = time.time()
+    await q.store.enqueue(m)
+    await until(lambda: q.released, "the server to hear of the given-back recipients")
+    await until_async(
+        lambda: _state_is(q, m.queue_id, "ok@example.test", RecipientState.DELIVERED), "ok's record"
+    )
+    views = {v.queue_id: v for v in await q.store.list_messages()}
+    back = {r.address: r for r in views[m.queue_id].recipients if r.address != "ok@example.test"}
+    assert set(back) == {"blocked@example.test", "../evil@example.test"}
+    for r in back.values():
+        assert r.state is RecipientState.QUEUED and r.attempts == 0
+        assert r.next_attempt is not None and r.next_attempt <= time.time() and r.next_attempt >= before - 1
+    assert len(q.files("ok@example.test")) == 1
+
+
+async def test_a_sigkilled_writer_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill -9 the writer at random points while it delivers: the next writer
+    gives back what the dead one had claimed (not after the 600 s lease), and
+    the delivery loop then delivers it; every message reaches its Maildir at
+    least once (a duplicate is allowed, a loss is not), and the queue empties."""
+    monkeypatch.setattr(EnqueueProcess, "RESTART_DELAY", 0.05)
+    q = Queue(tmp_path)
+    await q.open()
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    sent: list[NewMessage] = []
+    try:
+        for round_ in range(4):
+            await until(lambda: q.enqueuer.ready, "the restarted writer")
+            pid = q.enqueuer.pid
+            assert pid is not None
+            batch = [message(local(f"u{i % 5}@example.test")) for i in range(120)]
+            sent += batch
+            tasks = [asyncio.ensure_future(q.store.enqueue(m)) for m in batch]
+            await asyncio.sleep(rng.uniform(0.0, 0.08))
+            os.kill(pid, signal.SIGKILL)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            assert not errors, f"seed {seed}, round {round_}: {errors[:3]}"
+            await until(lambda: q.enqueuer.pid != pid, f"writer {pid} to be replaced")  # noqa: B023
+        await until(lambda: q.enqueuer.ready, "the last restarted writer")
+        # The delivery loop (as the worker runs it) takes what the writers left.
+        loop = LocalDelivery(
+            q.store, maildir_template=q.template, delivery=DeliveryConfig(), clock=SystemClock(),
+            batch_sync=True, lease_seconds=LEASE,
+        )  # fmt: skip
+        task = asyncio.create_task(loop.run())
+        try:
+            await until_async(lambda: _empty(q), f"the queue to empty (seed {seed})", 60)
+        finally:
+            await loop.stop()
+            await task
+    finally:
+        await q.store.close()
+    found = [p.read_bytes() for i in range(5) for p in q.files(f"u{i}@example.test")]
+    ids = {b.split(b"Message-ID: <", 1)[1].split(b"@", 1)[0].decode() for b in found}
+    assert ids == {m.queue_id for m in sent}, f"seed {seed}"
+
+
+async def test_the_writer_gives_back_its_predecessors_claims_at_start(q: Queue, tmp_path: Path) -> None:
+    """Leases held by OWNER when a writer starts belong to a writer that has
+    exited: they are due again at once, and the server hears of it (to wake the
+    delivery loop). Here the lease is made by hand, then the writer restarted."""
+    other = SqliteStore(tmp_path / "queue.db", spool_dir=q.spool, recover=False, release_leases_on_open=False)
+    await other.open()
+    try:
+        m = message(NewRecipient("x@remote.test", Transport.SMTP, "remote.test"))
+        await other.enqueue(m)
+        (claim,) = await other.claim_due(time.time(), limit=10, lease_seconds=LEASE, owner=OWNER)
+        assert claim.queue_id == m.queue_id
+    finally:
+        await other.close()
+    assert await q.states(m.queue_id) == {"x@remote.test": RecipientState.DELIVERING}
+    await q.enqueuer.restart()
+    await until(lambda: q.released, "the new writer to report its release")
+    assert await q.states(m.queue_id) == {"x@remote.test": RecipientState.QUEUED}
+
+
+CONFIG = """
+hostname = "mx.example.test"
+data_dir = "{data}"
+[[listen]]
+address = "127.0.0.1:2525"
+[relay]
+local_domains = ["example.test"]
+[mailboxes]
+maildir = "{data}/mail/{{domain}}/{{user}}"
+{extra}
+"""
+
+
+def config(tmp_path: Path, extra: str = "") -> Config:
+    path = tmp_path / "gannet.toml"
+    path.write_text(CONFIG.format(data=tmp_path, extra=extra))
+    return load_config(path)
+
+
+def test_settings_follow_the_config(tmp_path: Path) -> None:
+    on = settings_for(config(tmp_path), "json")
+    assert on is not None
+    assert on.maildir_template == f"{tmp_path}/mail/{{domain}}/{{user}}"
+    assert on.log_format == "json" and on.owner == OWNER and on.metric_domains == ("example.test",)
+    assert Settings.from_json(on.to_json()) == on
+    for extra in (
+        "[delivery]\nlocal_at_enqueue = false",
+        '[delivery]\nmaildir_sync = "file"',
+        "[queue]\nwriter_process = false",
+        'lmtp = "unix:/run/dovecot/lmtp"',
+    ):
+        assert settings_for(config(tmp_path, extra), "text") is None, extra
+
+
+def test_a_bad_value_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"delivery\.local_at_enqueue"):
+        config(tmp_path, '[delivery]\nlocal_at_enqueue = "yes"')
+
+
+def test_settings_survive_the_command_line() -> None:
+    s = replace(Settings("/m/{domain}/{user}", 120.0), metric_domains=("a.test", "b.test"))
+    assert Settings.from_json(s.to_json()) == s
