@@ -50,6 +50,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gannet.queue import sqlite_admin_ops as admin_ops
 from gannet.queue import sqlite_ops as ops
 from gannet.queue import sqlite_recovery as recovery
 from gannet.queue import sqlite_stats as stats
@@ -252,11 +253,11 @@ class SqliteStore:
         except OSError as exc:
             problem = await loop.run_in_executor(None, recovery.body_file_problem, path, size)
             if problem is not None:
-                await self._call(ops.quarantine, (queue_id, problem, self._ctx.clock()))
+                await self._call(admin_ops.quarantine, (queue_id, problem, self._ctx.clock()))
             raise QueueError(f"{queue_id}: cannot read the body: {exc}") from exc
         if len(data) != size:
             problem = f"body file {path} has {len(data)} bytes, {size} were stored"
-            await self._call(ops.quarantine, (queue_id, problem, self._ctx.clock()))
+            await self._call(admin_ops.quarantine, (queue_id, problem, self._ctx.clock()))
             raise QueueError(f"{queue_id}: {problem}")
         return data
 
@@ -309,16 +310,16 @@ class SqliteStore:
         return await self._call(views.get_message, queue_id)
 
     async def hold(self, queue_id: str, now: float) -> None:
-        await self._call(ops.hold, (queue_id, now))
+        await self._call(admin_ops.hold, (queue_id, now))
 
     async def release(self, queue_id: str, now: float) -> None:
-        await self._call(ops.release, (queue_id, now))
+        await self._call(admin_ops.release, (queue_id, now))
 
     async def retry(self, queue_id: str | None, now: float) -> int:
-        return await self._call(ops.retry, (queue_id, now))
+        return await self._call(admin_ops.retry, (queue_id, now))
 
     async def delete(self, queue_id: str, now: float) -> None:
-        await self._call(ops.delete, (queue_id, now))
+        await self._call(admin_ops.delete, (queue_id, now))
 
     async def queue_stats(self) -> QueueStats:
         return await self._read(stats.queue_stats, kind=SCANS)
@@ -331,7 +332,7 @@ class SqliteStore:
 
     async def prune_history(self, before: float, *, limit: int) -> int:
         # Not durable on its own: if lost, the next sweep prunes the same rows.
-        return await self._call(ops.prune_history, (before, limit), durable=False)
+        return await self._call(admin_ops.prune_history, (before, limit), durable=False)
 
     # --- tests -----------------------------------------------------------------------
 

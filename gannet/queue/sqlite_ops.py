@@ -1,7 +1,9 @@
 """The SQLite store's operations: plain synchronous functions of a connection.
 
 Owns: every SQL statement that reads or changes the queue tables (the DDL is
-in sqlite_schema). Called only by the writer thread (sqlite_writer), each call
+in sqlite_schema; the postmaster's actions, hold to quarantine, are in
+sqlite_admin_ops). Called only by the writer (sqlite_writer: its thread, or
+the enqueue writer process), each call
 inside a transaction and a savepoint that the writer opened; a function here
 never begins, commits or rolls back, and never reads a clock: times arrive as
 arguments (`Ctx.clock` is used only by crash recovery, which has no caller's
@@ -44,7 +46,6 @@ from gannet.queue.model import (
     Deferred,
     Delivered,
     NewMessage,
-    NoSuchMessage,
     QueueError,
     RecipientOutcome,
     SpooledBody,
@@ -77,7 +78,7 @@ _INSERT_RECIPIENTS = """
         notify, state, next_attempt, parked)
 """
 _INSERT_BODIES = "INSERT INTO bodies (queue_id, data)"
-_INSERT_HISTORY = "INSERT INTO history (queue_id, at, recipient, event, detail) VALUES (?, ?, ?, ?, ?)"
+INSERT_HISTORY = "INSERT INTO history (queue_id, at, recipient, event, detail) VALUES (?, ?, ?, ?, ?)"
 _INSERT_HISTORIES = "INSERT INTO history (queue_id, at, recipient, event, detail)"
 # Rows per INSERT statement in insert_rows (14 columns x 200 = 2,800 parameters).
 _ROWS_PER_INSERT = 200
@@ -454,81 +455,6 @@ def remove_messages(
     return found
 
 
-# --- admin actions ---------------------------------------------------------------
-
-
-def _flags(conn: sqlite3.Connection, queue_id: str) -> tuple[bool, bool]:
-    row = conn.execute("SELECT held, quarantined FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
-    if row is None:
-        raise NoSuchMessage(queue_id)
-    return bool(row[0]), bool(row[1])
-
-
-def _set_held(conn: sqlite3.Connection, queue_id: str, held: bool, quarantined: bool) -> None:
-    conn.execute("UPDATE messages SET held = ? WHERE queue_id = ?", (held, queue_id))
-    conn.execute("UPDATE recipients SET parked = ? WHERE queue_id = ?", (held or quarantined, queue_id))
-
-
-def hold(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, float]) -> None:
-    queue_id, now = arg
-    held, quarantined = _flags(conn, queue_id)
-    if not held:
-        _set_held(conn, queue_id, True, quarantined)
-        conn.execute(_INSERT_HISTORY, (queue_id, now, "", "held", ""))
-
-
-def release(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, float]) -> None:
-    queue_id, now = arg
-    held, quarantined = _flags(conn, queue_id)
-    if held:
-        _set_held(conn, queue_id, False, quarantined)
-        conn.execute(_INSERT_HISTORY, (queue_id, now, "", "released", ""))
-
-
-def retry(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str | None, float]) -> int:
-    queue_id, now = arg
-    sql = "UPDATE recipients SET next_attempt = MIN(next_attempt, ?) WHERE state = 'deferred'"
-    if queue_id is None:
-        rows = conn.execute(sql + " RETURNING queue_id", (now,)).fetchall()
-    else:
-        _flags(conn, queue_id)
-        rows = conn.execute(sql + " AND queue_id = ? RETURNING queue_id", (now, queue_id)).fetchall()
-    messages = dict.fromkeys(row[0] for row in rows)
-    conn.executemany(_INSERT_HISTORY, [(qid, now, "", "retry", "") for qid in messages])
-    return len(rows)
-
-
-def delete(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, float]) -> None:
-    queue_id, now = arg
-    if not remove_messages(ctx, conn, txn, [(queue_id, now)]):
-        raise NoSuchMessage(queue_id)
-    conn.execute(_INSERT_HISTORY, (queue_id, now, "", "deleted", ""))
-
-
-_PRUNABLE = "SELECT queue_id FROM completed WHERE completed_at < ? ORDER BY completed_at LIMIT ?"
-
-
-def prune_history(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[float, int]) -> int:
-    """Forget up to `limit` messages that left the queue before `before`."""
-    before, limit = arg
-    ids = [(row[0],) for row in conn.execute(_PRUNABLE, (before, limit)).fetchall()]
-    conn.executemany("DELETE FROM history WHERE queue_id = ?", ids)
-    conn.executemany("DELETE FROM completed WHERE queue_id = ?", ids)
-    return len(ids)
-
-
-def quarantine(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: tuple[str, str, float]) -> None:
-    """Park a message whose body cannot be read: never claimed, never deleted here."""
-    queue_id, reason, at = arg
-    _held, quarantined = _flags(conn, queue_id)
-    if quarantined:
-        return
-    conn.execute("UPDATE messages SET quarantined = 1 WHERE queue_id = ?", (queue_id,))
-    conn.execute("UPDATE recipients SET parked = 1 WHERE queue_id = ?", (queue_id,))
-    conn.execute(_INSERT_HISTORY, (queue_id, at, "", "quarantined", reason))
-    log.error("queue: %s quarantined: %s", queue_id, reason)
-
-
 _RELEASE_OWNER = (
     "UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "
     f"{_CLEAR_LEASE} WHERE lease_owner IS NOT NULL AND lease_owner = ? AND state = 'delivering'"
@@ -601,7 +527,7 @@ def release_expired_leases(
     rows = conn.execute(_EXPIRED_LEASES, (expired_before,)).fetchall()
     conn.executemany(_RELEASE_ONE, [(now, rid) for rid, _q, _a, _o in rows])
     conn.executemany(
-        _INSERT_HISTORY,
+        INSERT_HISTORY,
         [(qid, now, address, "released", f"lease of {owner} expired") for _r, qid, address, owner in rows],
     )
     return [(str(q), str(a), str(o)) for _r, q, a, o in rows]

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gannet.queue.model import NoSuchMessage
-from gannet.queue.sqlite_ops import Ctx, quarantine
+from gannet.queue.sqlite_admin_ops import quarantine
+from gannet.queue.sqlite_ops import Ctx
 from gannet.queue.sqlite_schema import migrate
 from gannet.queue.sqlite_writer import Txn
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from gannet.queue import sqlite_ops, sqlite_views
+from gannet.queue import sqlite_admin_ops, sqlite_views
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import Delivered, InlineBody, NewMessage, NewRecipient, RecipientOutcome, Transport
 from gannet.queue.sqlite import SqliteStore
@@ -74,7 +74,7 @@ async def test_trace_and_prune_use_indexes(tmp_path: Path) -> None:
                 (sqlite_views._TRACE_IN_QUEUE, ("K", "k", "<k>")),
                 (sqlite_views._TRACE_COMPLETED, ("K", "k", "<k>")),
                 (sqlite_views._TRACE_HISTORY, ("K",)),
-                (sqlite_ops._PRUNABLE, (T0, 10)),
+                (sqlite_admin_ops._PRUNABLE, (T0, 10)),
                 ("DELETE FROM history WHERE queue_id = ?", ("K",)),
             ):
                 rows = conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
