@@ -10,6 +10,7 @@ import asyncio
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -20,11 +21,22 @@ import pytest
 from gannet.clock import SystemClock
 from gannet.config import Config, ConfigError, DeliveryConfig
 from gannet.config import load as load_config
-from gannet.delivery.local import LocalDelivery
-from gannet.delivery.local_at_enqueue import OWNER, Settings, settings_for
+from gannet.delivery import local_at_enqueue
+from gannet.delivery.local import FileJob, LocalDelivery
+from gannet.delivery.local_at_enqueue import OWNER, LocalAtEnqueue, Results, Settings, settings_for
 from gannet.delivery.maildir import SYNCFS_AVAILABLE
 from gannet.queue.ids import new_queue_id
-from gannet.queue.model import InlineBody, NewMessage, NewRecipient, RecipientState, SpooledBody, Transport
+from gannet.queue.model import (
+    Claim,
+    ClaimedRecipient,
+    Delivered,
+    InlineBody,
+    NewMessage,
+    NewRecipient,
+    RecipientState,
+    SpooledBody,
+    Transport,
+)
 from gannet.queue.sqlite import SqliteStore
 from gannet.queue.sqlite_enqueue_process import EnqueueProcess
 from gannet.smtp.events import Notify
@@ -296,3 +308,74 @@ def test_a_bad_value_names_the_key(tmp_path: Path) -> None:
 def test_settings_survive_the_command_line() -> None:
     s = replace(Settings("/m/{domain}/{user}", 120.0), metric_domains=("a.test", "b.test"))
     assert Settings.from_json(s.to_json()) == s
+
+
+# -- the thread alone (no writer process) ---------------------------------------
+
+
+def claim(qid: str, *addresses: str, token: str = "t1") -> Claim:
+    rcpts = tuple(
+        ClaimedRecipient(i, a, Transport.LOCAL, "example.test", a, "", None, None, 0, token)
+        for i, a in enumerate(addresses, 1)
+    )
+    return Claim(qid, "a@remote.test", time.time(), None, None, False, False, 10, rcpts, time.time() + LEASE)
+
+
+class Thread:
+    def __init__(self, tmp_path: Path) -> None:
+        self.template = str(tmp_path / "mail" / "{domain}" / "{user}")
+        self.ready = threading.Event()
+        self.local = LocalAtEnqueue(Settings(self.template, LEASE), self.ready.set)
+        self.local.start()
+
+    def results(self) -> Results:
+        assert self.ready.wait(10), "no results"
+        self.ready.clear()
+        return self.local.take_results()
+
+
+def test_the_thread_writes_what_it_is_handed_and_hands_back_the_outcomes(tmp_path: Path) -> None:
+    t = Thread(tmp_path)
+    t.local.hand([(claim("Q1", "bob@example.test", "carol@example.test"), b"Subject: x\r\n\r\nhi\r\n")])
+    results = t.results()
+    assert [(o.recipient_id, o.lease_token) for o in results.delivered] == [(1, "t1"), (2, "t1")]
+    assert results.given_back == []
+    for o in results.delivered:
+        assert isinstance(o.outcome, Delivered)
+        assert Path(o.outcome.detail).read_bytes().endswith(b"Subject: x\n\nhi\n")
+    t.local.stop()
+
+
+def test_held_bodies_past_the_limit_leave_new_mail_to_the_delivery_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_at_enqueue, "MAX_HELD", 100)
+    gate = threading.Event()
+    real = local_at_enqueue.write_and_commit
+
+    def slow_disk(jobs: list[FileJob]) -> list[Path | Exception]:
+        gate.wait(10)
+        return real(jobs)
+
+    monkeypatch.setattr(local_at_enqueue, "write_and_commit", slow_disk)
+    t = Thread(tmp_path)
+    assert t.local.has_room()
+    t.local.hand([(claim("Q1", "bob@example.test"), b"x" * 150)])
+    assert not t.local.has_room()  # the writer claims nothing more until it is written
+    gate.set()
+    assert len(t.results().delivered) == 1
+    assert t.local.has_room()
+    t.local.stop()
+
+
+def test_a_bug_in_the_thread_hands_everything_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(jobs: list[FileJob]) -> list[Path | Exception]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(local_at_enqueue, "write_and_commit", broken)
+    t = Thread(tmp_path)
+    t.local.hand([(claim("Q1", "bob@example.test", "carol@example.test", token="t9"), b"hi\r\n")])
+    results = t.results()
+    assert results.delivered == [] and results.given_back == [(1, "t9"), (2, "t9")]
+    assert t.local.has_room()
+    t.local.stop()
