@@ -110,9 +110,6 @@ class Results:
     delivered: list[RecipientOutcome] = field(default_factory=list)
     given_back: list[tuple[int, str]] = field(default_factory=list)  # (recipient id, lease token)
 
-    def __bool__(self) -> bool:
-        return bool(self.delivered or self.given_back)
-
 
 _Batch = list[tuple[Claim, bytes]]  # claims with their bodies (CRLF)
 
@@ -165,10 +162,12 @@ class LocalAtEnqueue:
                 return
             batch, stopping = self._gather(first)
             try:
-                self._deliver(batch)
+                results = self._deliver(batch)
             except Exception:  # a bug: hand everything back rather than sit on the leases
                 log.exception("local delivery at enqueue: a batch crashed; the delivery loop takes it")
-                self._hand_back(batch)
+                leases = [(r.recipient_id, r.lease_token) for claim, _ in batch for r in claim.recipients]
+                results = Results([], leases)
+            self._publish(results, sum(len(body) for _, body in batch))
             if stopping:
                 return
 
@@ -185,7 +184,7 @@ class LocalAtEnqueue:
             batch += more
         return batch, False
 
-    def _deliver(self, batch: _Batch) -> None:
+    def _deliver(self, batch: _Batch) -> Results:
         jobs: list[FileJob] = []
         given_back: list[tuple[int, str]] = []
         for claim, body in batch:
@@ -214,15 +213,11 @@ class LocalAtEnqueue:
             delay = now - job.claim.received_at
             log_outcome(job.claim.queue_id, rcpt.address, outcome, relay=RELAY, delay=delay, now=now)
             delivered.append(RecipientOutcome(rcpt.recipient_id, rcpt.lease_token, outcome, now))
-        self._publish(Results(delivered, given_back), sum(len(body) for _, body in batch))
+        return Results(delivered, given_back)
 
-    def _hand_back(self, batch: _Batch) -> None:
-        leases = [(r.recipient_id, r.lease_token) for claim, _ in batch for r in claim.recipients]
-        self._publish(Results([], leases), sum(len(body) for _, body in batch))
-
-    def _publish(self, results: Results, written_bytes: int) -> None:
+    def _publish(self, results: Results, done_bytes: int) -> None:
         with self._lock:
             self._results.delivered += results.delivered
             self._results.given_back += results.given_back
-            self._held -= written_bytes
+            self._held -= done_bytes
         self._ready()

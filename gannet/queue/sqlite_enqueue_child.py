@@ -150,17 +150,18 @@ class _Local:
         """The job that leases the group's local recipients, in its transaction.
         Its `future` is its kind (a str; the requests' are ints), so that
         `conclude` can find its result."""
-        fresh = [
-            m
+        bodies = {
+            m.queue_id: m.body.data
             for _, m in group
             if isinstance(m.body, InlineBody)
             and not m.held
             and any(r.transport is Transport.LOCAL for r in m.recipients)
-        ]
+        }
         self._fresh = None
-        if not fresh or not self.delivery.has_room():
+        if not bodies or not self.delivery.has_room():
             return []
-        self._fresh = _Fresh({m.queue_id: m.body.data for m in fresh if isinstance(m.body, InlineBody)})
+        self._fresh = _Fresh(bodies)
+        fresh = [m for _, m in group if m.queue_id in bodies]
         settings = self.delivery.settings
         claim = (fresh, time.time() + settings.lease_seconds, settings.owner)
         return [Job(partial(ops.claim_fresh, ctx), claim, _CLAIM)]

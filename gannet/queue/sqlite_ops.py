@@ -455,10 +455,14 @@ def remove_messages(
     return found
 
 
-_RELEASE_OWNER = (
-    "UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "
-    f"{_CLEAR_LEASE} WHERE lease_owner IS NOT NULL AND lease_owner = ? AND state = 'delivering'"
+# A released recipient waits again in the state it was claimed from.
+_UNLEASE = (
+    f"UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, {_CLEAR_LEASE}"
 )
+# ... and is due at once (`next_attempt` never moves later).
+_UNLEASE_DUE = f"{_UNLEASE}, next_attempt = MIN(next_attempt, ?)"
+
+_RELEASE_OWNER = f"{_UNLEASE} WHERE lease_owner IS NOT NULL AND lease_owner = ? AND state = 'delivering'"
 
 
 def release_leases(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, owner: str) -> int:
@@ -466,11 +470,7 @@ def release_leases(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, owner: str) -> 
     return conn.execute(_RELEASE_OWNER, (owner,)).rowcount
 
 
-_GIVE_BACK = (
-    "UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "
-    f"next_attempt = MIN(next_attempt, ?), {_CLEAR_LEASE} "
-    "WHERE id = ? AND lease_token = ? AND state = 'delivering'"
-)
+_GIVE_BACK = f"{_UNLEASE_DUE} WHERE id = ? AND lease_token = ? AND state = 'delivering'"
 
 
 GiveBackArgs = tuple[Sequence[tuple[int, str]], float]
@@ -512,10 +512,7 @@ _EXPIRED_LEASES = (
     "SELECT id, queue_id, address, lease_owner FROM recipients "
     "WHERE lease_owner IS NOT NULL AND lease_until <= ? AND state = 'delivering'"
 )
-_RELEASE_ONE = (
-    "UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "
-    f"next_attempt = MIN(next_attempt, ?), {_CLEAR_LEASE} WHERE id = ?"
-)
+_RELEASE_ONE = f"{_UNLEASE_DUE} WHERE id = ?"
 
 
 def release_expired_leases(
