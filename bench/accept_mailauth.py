@@ -128,7 +128,7 @@ def _run(
     messages: int,
     keep: bool,
     profile: Path | None,
-) -> tuple[float, float, str]:
+) -> tuple[float, float, str, dict[str, float]]:
     work = _common.workdir(f"mailauth-{'on' if checks else 'off'}-{sessions}-{style}")
     try:
         g = _gannet(work, dns, checks)
@@ -139,8 +139,10 @@ def _run(
                 name = f"mailauth-{'on' if checks else 'off'}-{sessions}-{style}.txt"
                 profiler = _common.Profiler(g.pid, profile / name)
             cpu0 = peers.process_tree_cpu_seconds(g.pid)
+            split = _common.cpu_by_process(g.pid)
             elapsed = _smtp_source(g.target(), message, sessions, messages, keep_connection=(style == "many"))
             cpu = peers.process_tree_cpu_seconds(g.pid) - cpu0
+            split = _common.cpu_by_process(g.pid) - split  # the checks child starts at the first message
             maildir = g.maildir(_common.BENCH_USER)
             peers.wait_progress(
                 lambda: len(list((maildir / "new").iterdir())) if (maildir / "new").exists() else 0,
@@ -162,7 +164,8 @@ def _run(
             g.stop()
     finally:
         _common.remove(work, keep)
-    return messages / elapsed, 1000 * cpu / messages, results
+    by_process = {name: 1000 * seconds / messages for name, seconds in split.items()}
+    return messages / elapsed, 1000 * cpu / messages, results, by_process
 
 
 def main(
@@ -181,10 +184,11 @@ def main(
     message = work / "message.eml"
     records = sender_world(message, size)
     rows = []
+    splits: list[tuple[int, str, dict[str, float], dict[str, float]]] = []
     with peers.DnsServer(work / "dns", records=records, ttl=300) as dns:
         for n in sessions:
             for style in styles:
-                figures: dict[bool, list[tuple[float, float, str]]] = {False: [], True: []}
+                figures: dict[bool, list[tuple[float, float, str, dict[str, float]]]] = {False: [], True: []}
                 for _ in range(max(1, repeat)):  # off, on, off, on …: both see the same host weather
                     for checks in (False, True):
                         label = "on" if checks else "off"
@@ -201,13 +205,14 @@ def main(
                             flush=True,
                         )
                         time.sleep(1)
-                off, off_cpu, _ = _common.median_by(figures[False], lambda f: f[0])
-                on, on_cpu, results = _common.median_by(figures[True], lambda f: f[0])
+                off, off_cpu, _, off_split = _common.median_by(figures[False], lambda f: f[0])
+                on, on_cpu, results, on_split = _common.median_by(figures[True], lambda f: f[0])
                 ratio = _common.pair_ratios([f[0] for f in figures[True]], [f[0] for f in figures[False]])
                 rows.append(
                     [n, "1 per conn" if style == "one" else "all on 1 conn", off, on, ratio, off_cpu, on_cpu]
                 )
                 print(f"  checks on, a delivered header: {results}", file=sys.stderr)
+                splits.append((n, style, off_split, on_split))
     _common.remove(work, keep)
     print(
         f"\n{messages} messages, {size}-byte bodies (DKIM-signed), 1 recipient; "
@@ -229,4 +234,9 @@ def main(
             rows,
         )
     )
+    print("\nCPU ms/msg while smtp-source ran, by process (the median runs), checks off → on:")
+    for n, style, off_split, on_split in splits:
+        names = sorted(set(off_split) | set(on_split), key=lambda k: -on_split.get(k, 0.0))
+        parts = ", ".join(f"{k} {off_split.get(k, 0.0):.2f} → {on_split.get(k, 0.0):.2f}" for k in names)
+        print(f"  {n} {style}: {parts}")
     return 0
