@@ -24,7 +24,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import _common
 import dkim
@@ -119,6 +119,15 @@ def _smtp_source(target: str, message: Path, sessions: int, messages: int, *, ke
     return time.monotonic() - started
 
 
+class Figure(NamedTuple):
+    """One run: its rate, Gannet's CPU per message (in all and by process), a delivered header."""
+
+    rate: float
+    cpu: float
+    results: str  # the Authentication-Results of one delivered message
+    by_process: dict[str, float]
+
+
 def _run(
     dns: peers.DnsServer,
     message: Path,
@@ -128,7 +137,7 @@ def _run(
     messages: int,
     keep: bool,
     profile: Path | None,
-) -> tuple[float, float, str, dict[str, float]]:
+) -> Figure:
     work = _common.workdir(f"mailauth-{'on' if checks else 'off'}-{sessions}-{style}")
     try:
         g = _gannet(work, dns, checks)
@@ -167,7 +176,7 @@ def _run(
     finally:
         _common.remove(work, keep)
     by_process = {name: 1000 * seconds / messages for name, seconds in split.items()}
-    return messages / elapsed, 1000 * cpu / messages, results, by_process
+    return Figure(messages / elapsed, 1000 * cpu / messages, results, by_process)
 
 
 def main(
@@ -190,7 +199,7 @@ def main(
     with peers.DnsServer(work / "dns", records=records, ttl=300) as dns:
         for n in sessions:
             for style in styles:
-                figures: dict[bool, list[tuple[float, float, str, dict[str, float]]]] = {False: [], True: []}
+                figures: dict[bool, list[Figure]] = {False: [], True: []}
                 for _ in range(max(1, repeat)):  # off, on, off, on …: both see the same host weather
                     for checks in (False, True):
                         label = "on" if checks else "off"
@@ -202,19 +211,18 @@ def main(
                         figure = _run(dns, message, checks, n, style, messages, keep, profile)
                         figures[checks].append(figure)
                         print(
-                            f"  {figure[0]:,.0f} msgs/s, {figure[1]:.2f} ms CPU/msg",
+                            f"  {figure.rate:,.0f} msgs/s, {figure.cpu:.2f} ms CPU/msg",
                             file=sys.stderr,
                             flush=True,
                         )
                         time.sleep(1)
-                off, off_cpu, _, off_split = _common.median_by(figures[False], lambda f: f[0])
-                on, on_cpu, results, on_split = _common.median_by(figures[True], lambda f: f[0])
-                ratio = _common.pair_ratios([f[0] for f in figures[True]], [f[0] for f in figures[False]])
-                rows.append(
-                    [n, "1 per conn" if style == "one" else "all on 1 conn", off, on, ratio, off_cpu, on_cpu]
-                )
-                print(f"  checks on, a delivered header: {results}", file=sys.stderr)
-                splits.append((n, style, off_split, on_split))
+                off = _common.median_by(figures[False], lambda f: f.rate)
+                on = _common.median_by(figures[True], lambda f: f.rate)
+                ratio = _common.pair_ratios([f.rate for f in figures[True]], [f.rate for f in figures[False]])
+                connections = "1 per conn" if style == "one" else "all on 1 conn"
+                rows.append([n, connections, off.rate, on.rate, ratio, off.cpu, on.cpu])
+                print(f"  checks on, a delivered header: {on.results}", file=sys.stderr)
+                splits.append((n, style, off.by_process, on.by_process))
     _common.remove(work, keep)
     print(
         f"\n{messages} messages, {size}-byte bodies (DKIM-signed), 1 recipient; "
