@@ -344,6 +344,7 @@ class _Reader(ValueReader):
                 "local_concurrency",
                 "maildir_sync",
                 "local_at_enqueue",
+                "local_direct",
                 "remote_concurrency",
                 "destination_concurrency",
                 "connect_timeout",
@@ -373,6 +374,7 @@ class _Reader(ValueReader):
             local_concurrency=self.integer(t, "local_concurrency", "delivery.local_concurrency", 8, 1, 256),
             maildir_sync=self.choice(t, "maildir_sync", "delivery.maildir_sync", ("batch", "file"), "batch"),
             local_at_enqueue=self.boolean(t, "local_at_enqueue", "delivery.local_at_enqueue", True),
+            local_direct=self.boolean(t, "local_direct", "delivery.local_direct", True),
             remote_concurrency=self.integer(
                 t, "remote_concurrency", "delivery.remote_concurrency", 100, 1, 10000
             ),

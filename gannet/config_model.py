@@ -112,6 +112,9 @@ class DeliveryConfig:
     # The SQLite queue's enqueue writer process writes fresh local mail into its
     # Maildirs itself (delivery/local_at_enqueue.py); the delivery loop does the rest.
     local_at_enqueue: bool = True
+    # With local_at_enqueue: a message whose every recipient is local is written
+    # into its Maildirs before the 250 and never queued (delivery/local_direct.py).
+    local_direct: bool = True
     remote_concurrency: int = 100  # outbound SMTP connections open at once, all destinations
     destination_concurrency: int = 20  # outbound connections to one destination
     connect_timeout: float = 30.0

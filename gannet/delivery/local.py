@@ -46,6 +46,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from gannet import maillog
 from gannet.clock import Clock
@@ -477,6 +478,19 @@ def _device(path: Path) -> int:
         return -1  # commit_batch reports the error for this file
 
 
+class MaildirCopy(Protocol):
+    """One file of a batch, as write_and_commit reads it."""
+
+    @property
+    def maildir(self) -> Path: ...
+    @property
+    def source(self) -> bytes | Path: ...  # LF content, or a spool file (CRLF) to stream
+    @property
+    def return_path(self) -> str: ...
+    @property
+    def delivered_to(self) -> str: ...
+
+
 @dataclass(slots=True)
 class FileJob:
     """One file to write in a batch: a recipient's copy of a claimed message."""
@@ -486,13 +500,21 @@ class FileJob:
     maildir: Path
     source: bytes | Path  # LF content, or a spool file (CRLF) to stream
 
+    @property
+    def return_path(self) -> str:
+        return self.claim.sender
 
-def write_and_commit(jobs: Sequence[FileJob]) -> list[Path | Exception]:
+    @property
+    def delivered_to(self) -> str:
+        return self.rcpt.address
+
+
+def write_and_commit(jobs: Sequence[MaildirCopy]) -> list[Path | Exception]:
     """In a thread: stage every file unsynced, then commit_batch per filesystem.
     Per job: its path in new/ (durable), or what went wrong."""
     staged: list[Path | Exception] = []
     for job in jobs:
-        sender, to = job.claim.sender, job.rcpt.address
+        sender, to = job.return_path, job.delivered_to
         try:
             if isinstance(job.source, Path):
                 staged.append(

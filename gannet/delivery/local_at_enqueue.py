@@ -71,6 +71,8 @@ class Settings:
     log_format: str = "text"  # as the server's (gannet.logsetup)
     metric_domains: tuple[str, ...] = ()  # the local and relay domains (gannet.metrics.configure)
     owner: str = OWNER
+    # All-local messages written before the reply, never queued (delivery/local_direct.py).
+    direct: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -100,6 +102,7 @@ def settings_for(config: Config, log_format: str) -> Settings | None:
         lease_seconds=config.queue.lease,
         log_format=log_format,
         metric_domains=(*config.relay.local_domains, *config.relay.relay_domains),
+        direct=d.local_direct,
     )
 
 

@@ -21,10 +21,14 @@ With `--local-delivery` (`[delivery] local_at_enqueue`) it also delivers the
 local mail it has just committed: `_Local` leases those recipients in the
 enqueue transaction, hands them to delivery/local_at_enqueue.py's thread after
 answering, and records that thread's results in a transaction of their own
-(docs/queue.md, "Local delivery at enqueue").
+(docs/queue.md, "Local delivery at enqueue"). With its `direct` setting
+(`[delivery] local_direct`), a message whose every recipient is local is not
+enqueued at all: delivery/local_direct.py writes its Maildir files before the
+answer, and the queue gets only its history, after the answer.
 
 Never: accept requests from anything but its parent's socket (marshal), touch a
-message the server did not hand it, or answer before the COMMIT.
+message the server did not hand it, or answer before the COMMIT (for a message
+delivered before the reply: before its files are durable in new/).
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from gannet import maillog, metrics
+from gannet.delivery import local_direct
 from gannet.delivery.local_at_enqueue import LocalAtEnqueue, Settings
 from gannet.logsetup import setup_logging
 from gannet.queue import sqlite_enqueue_wire as wire
@@ -102,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+_Request = tuple[int, NewMessage]  # a request's number, its message
+
+
 @dataclass(slots=True)
 class _Fresh:
     """The claim of one group's local recipients, waiting to be handed over."""
@@ -120,6 +128,7 @@ class _Local:
         self.ready_fd = ready_fd
         self.released_at_start = released_at_start
         self._fresh: _Fresh | None = None
+        self._written: list[local_direct.Written] = []  # delivered before the reply, to record
 
     @classmethod
     def start(cls, settings: Settings, writer: Writer, ctx: ops.Ctx) -> _Local:
@@ -146,7 +155,23 @@ class _Local:
         delivery.start()
         return cls(delivery, ready_r, released)
 
-    def claim_jobs(self, ctx: ops.Ctx, group: list[tuple[int, NewMessage]]) -> list[Job]:
+    def write_direct(self, sock: socket.socket, group: list[_Request]) -> list[_Request]:
+        """Deliver the group's all-local messages now (delivery/local_direct.py)
+        and answer those written whole; returns what is left to enqueue: the
+        requests not taken, and the taken messages with their recipients not
+        written."""
+        settings = self.delivery.settings
+        if not settings.direct:
+            return group
+        taken, rest = local_direct.deliver(settings.maildir_template, group)
+        whole = [w.number for w in taken if w.complete]
+        if whole:
+            sock.sendall(wire.Reply(answers=[(n, None) for n in whole], taken=whole).encode())
+        local_direct.log_deliveries(taken)
+        self._written += taken
+        return rest + [(w.number, replace(w.message, recipients=tuple(w.left))) for w in taken if w.left]
+
+    def claim_jobs(self, ctx: ops.Ctx, group: list[_Request]) -> list[Job]:
         """The job that leases the group's local recipients, in its transaction.
         Its `future` is its kind (a str; the requests' are ints), so that
         `conclude` can find its result."""
@@ -173,6 +198,12 @@ class _Local:
         records to a later commit)."""
         results = self.delivery.take_results()
         jobs: list[Job] = []
+        if self._written:
+            # Not durable: losing it in a power cut loses a trace, never mail.
+            written, self._written = self._written, []
+            rows = [(w.message, [(r.address, str(path)) for r, path in w.delivered], w.complete, w.at)
+                    for w in written]  # fmt: skip
+            jobs.append(Job(partial(ops.record_direct, ctx), rows, _DIRECT, durable=False))
         if results.delivered:
             record = (results.delivered, ())
             jobs.append(Job(partial(ops.record, ctx), record, _RECORD))
@@ -182,7 +213,7 @@ class _Local:
         return jobs
 
     def conclude(
-        self, done: list[tuple[Any, Any, BaseException | None]], group: list[tuple[int, NewMessage]]
+        self, done: list[tuple[Any, Any, BaseException | None]], group: list[_Request]
     ) -> tuple[list[int], bool]:
         """Read the extra jobs' results. Returns the request numbers whose
         recipients are all claimed here (the server need not wake the delivery
@@ -198,6 +229,8 @@ class _Local:
                     self._fresh = None  # nothing is leased: the delivery loop delivers them
                 elif kind == _RECORD:
                     log.error("queue: those recipients will be delivered again when their leases expire")
+                elif kind == _DIRECT:
+                    log.error("queue: lost the history of messages delivered before the reply (not the mail)")
             elif kind == _CLAIM and self._fresh is not None:
                 self._fresh.claims = result
                 claimed = {claim.queue_id: len(claim.recipients) for claim in result}
@@ -215,7 +248,7 @@ class _Local:
             self.delivery.hand([(claim, fresh.bodies[claim.queue_id]) for claim in fresh.claims])
 
 
-_CLAIM, _RECORD, _GIVE_BACK = "claim", "record", "give back"
+_CLAIM, _RECORD, _GIVE_BACK, _DIRECT = "claim", "record", "give back", "record direct"
 
 
 def _serve(
@@ -233,6 +266,8 @@ def _serve(
         messages = [wire.message_of(r) for r in requests]
         for start in range(0, len(messages), max_batch):
             group = messages[start : start + max_batch]
+            if local is not None:
+                group = local.write_direct(sock, group)
             jobs = [Job(one, message, number, bulk) for number, message in group]
             if local is not None:  # the claim of their local recipients goes in the same transaction
                 jobs += local.claim_jobs(ctx, group)
@@ -252,7 +287,7 @@ def _transaction(
     writer: Writer,
     commits: list[wire.Commit],
     jobs: list[Job],
-    group: list[tuple[int, NewMessage]],
+    group: list[_Request],
     local: _Local | None,
 ) -> None:
     """Run `jobs` (a group's enqueues, or local delivery's results) and tell the

@@ -198,6 +198,30 @@ def enqueue_unless_stored(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, message:
         enqueue_many(ctx, conn, txn, [message])
 
 
+# Messages the enqueue writer delivered before answering, never queued
+# (delivery/local_direct.py): per message, the recipients delivered as
+# (address, detail), whether none is left to queue, and when.
+DirectArgs = Sequence[tuple[NewMessage, Sequence[tuple[str, str]], bool, float]]
+_INSERT_COMPLETED = """
+    INSERT INTO completed (queue_id, message_id, sender, received_at, size, client, completed_at)
+"""
+
+
+def record_direct(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: DirectArgs) -> None:
+    """What the queue keeps of a delivered message: its history (the checks'
+    events, each delivery) and, once none of it is left queued, its summary.
+    A message with recipients left was enqueued with those, events and all."""
+    history: list[tuple[str, float, str, str, str]] = []
+    completed = []
+    for m, delivered, complete, at in arg:
+        if complete:
+            history += _enqueue_events(m)
+            completed.append((m.queue_id, m.message_id, m.sender, m.received_at, m.body.size, m.client, at))
+        history += [(m.queue_id, at, address, "delivered", detail) for address, detail in delivered]
+    insert_rows(conn, _INSERT_HISTORIES, history)
+    insert_rows(conn, _INSERT_COMPLETED, completed)
+
+
 # --- claim ---------------------------------------------------------------------
 
 # The message's columns come with each row (a join), not from one more SELECT

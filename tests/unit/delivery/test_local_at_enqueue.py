@@ -12,7 +12,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,7 +30,6 @@ from gannet.queue.model import (
     Claim,
     ClaimedRecipient,
     Delivered,
-    InlineBody,
     NewMessage,
     NewRecipient,
     RecipientState,
@@ -41,84 +40,16 @@ from gannet.queue.sqlite import SqliteStore
 from gannet.queue.sqlite_enqueue_process import EnqueueProcess
 from gannet.smtp.events import Notify
 
+from .relay_helpers import until
+from .writer_queue import LEASE, Queue, local, message, running
+
 pytestmark = pytest.mark.skipif(not SYNCFS_AVAILABLE, reason="local delivery at enqueue needs syncfs")
-
-LEASE = 600.0  # longer than any test: only a release, never an expiry, frees a recipient
-
-
-def local(address: str, **kwargs: object) -> NewRecipient:
-    return NewRecipient(address, Transport.LOCAL, address.rpartition("@")[2], mailbox=address, **kwargs)
-
-
-def message(*rcpts: NewRecipient, body: bytes | None = None, held: bool = False) -> NewMessage:
-    qid = new_queue_id()
-    data = body if body is not None else f"Message-ID: <{qid}@test>\r\n\r\nhello\r\n".encode()
-    return NewMessage(qid, "a@remote.test", rcpts, InlineBody(data), time.time(), held=held)
-
-
-class Queue:
-    """A server's SQLite store with its enqueue writer delivering local mail."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.root = tmp_path / "mail"
-        self.template = str(self.root / "{domain}" / "{user}")
-        (tmp_path / "spool").mkdir(exist_ok=True)
-        self.spool = tmp_path / "spool"
-        self.store = SqliteStore(
-            tmp_path / "queue.db",
-            spool_dir=self.spool,
-            enqueue_process=True,
-            release_leases_on_open=False,
-            local_delivery=Settings(self.template, LEASE).to_json(),
-        )
-        self.released = 0
-
-    async def open(self) -> None:
-        await self.store.open()
-        assert self.enqueuer.ready, "the enqueue writer process did not start"
-        self.enqueuer.on_released = self._on_released
-
-    def _on_released(self) -> None:
-        self.released += 1
-
-    @property
-    def enqueuer(self) -> EnqueueProcess:
-        enqueuer = self.store.enqueue_process
-        assert enqueuer is not None
-        return enqueuer
-
-    def files(self, mailbox: str) -> list[Path]:
-        user, _, domain = mailbox.partition("@")
-        new = self.root / domain / user / "new"
-        return sorted(new.iterdir()) if new.is_dir() else []
-
-    async def states(self, qid: str) -> dict[str, RecipientState]:
-        views = {v.queue_id: v for v in await self.store.list_messages()}
-        return {r.address: r.state for r in views[qid].recipients} if qid in views else {}
 
 
 @pytest.fixture
 async def q(tmp_path: Path) -> AsyncIterator[Queue]:
-    queue = Queue(tmp_path)
-    await queue.open()
-    try:
+    async with running(tmp_path) as queue:
         yield queue
-    finally:
-        await queue.store.close()
-
-
-async def until(cond: Callable[[], object], what: str, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        assert time.monotonic() < deadline, f"still waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
-async def until_async(cond: Callable[[], object], what: str, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not await cond():  # type: ignore[misc]
-        assert time.monotonic() < deadline, f"still waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_fresh_local_mail_is_delivered_by_the_writer_alone(q: Queue) -> None:
@@ -126,7 +57,7 @@ async def test_fresh_local_mail_is_delivered_by_the_writer_alone(q: Queue) -> No
     the message leaves the queue with its history."""
     m = message(local("bob@example.test"), local("carol@example.test"))
     assert await q.store.enqueue(m) is True  # nobody need wake the delivery loop
-    await until_async(lambda: _empty(q), "the message to leave the queue")
+    await until(q.empty, "the message to leave the queue")
     for rcpt in ("bob@example.test", "carol@example.test"):
         (path,) = q.files(rcpt)
         expected = f"Return-Path: <a@remote.test>\nDelivered-To: {rcpt}\n"
@@ -136,15 +67,12 @@ async def test_fresh_local_mail_is_delivered_by_the_writer_alone(q: Queue) -> No
     assert ("bob@example.test", "delivered") in events and ("carol@example.test", "delivered") in events
 
 
-async def _empty(q: Queue) -> bool:
-    return not await q.store.list_messages()
-
 
 async def test_a_stream_of_messages_is_delivered_once_each(q: Queue) -> None:
     sent = [message(local(f"u{i % 7}@example.test")) for i in range(300)]
     taken = await asyncio.gather(*(q.store.enqueue(m) for m in sent))
     assert all(taken)
-    await until_async(lambda: _empty(q), "the queue to empty")
+    await until(q.empty, "the queue to empty")
     found = [p.read_bytes() for i in range(7) for p in q.files(f"u{i}@example.test")]
     ids = sorted(b.split(b"Message-ID: <", 1)[1].split(b"@", 1)[0].decode() for b in found)
     assert ids == sorted(m.queue_id for m in sent)
@@ -165,8 +93,8 @@ async def test_what_is_not_the_writers_is_left_queued_for_the_delivery_loop(q: Q
     for m in (mixed, success, held, spooled):
         assert await q.store.enqueue(m) is False, m
     await until(lambda: q.files("bob@example.test"), "the local half of the mixed message")
-    await until_async(
-        lambda: _state_is(q, mixed.queue_id, "bob@example.test", RecipientState.DELIVERED), "bob's record"
+    await until(
+        lambda: q.state_is(mixed.queue_id, "bob@example.test", RecipientState.DELIVERED), "bob's record"
     )
     assert (await q.states(mixed.queue_id))["x@remote.test"] is RecipientState.QUEUED
     assert await q.states(success.queue_id) == {"carol@example.test": RecipientState.QUEUED}
@@ -175,9 +103,6 @@ async def test_what_is_not_the_writers_is_left_queued_for_the_delivery_loop(q: Q
     for rcpt in ("carol@example.test", "dave@example.test", "erin@example.test"):
         assert q.files(rcpt) == []
 
-
-async def _state_is(q: Queue, qid: str, address: str, state: RecipientState | None) -> bool:
-    return (await q.states(qid)).get(address) == state
 
 
 async def test_what_cannot_be_written_is_given_back_due_now(q: Queue) -> None:
@@ -191,8 +116,8 @@ async def test_what_cannot_be_written_is_given_back_due_now(q: Queue) -> None:
     before = time.time()
     await q.store.enqueue(m)
     await until(lambda: q.released, "the server to hear of the given-back recipients")
-    await until_async(
-        lambda: _state_is(q, m.queue_id, "ok@example.test", RecipientState.DELIVERED), "ok's record"
+    await until(
+        lambda: q.state_is(m.queue_id, "ok@example.test", RecipientState.DELIVERED), "ok's record"
     )
     views = {v.queue_id: v for v in await q.store.list_messages()}
     back = {r.address: r for r in views[m.queue_id].recipients if r.address != "ok@example.test"}
@@ -203,13 +128,19 @@ async def test_what_cannot_be_written_is_given_back_due_now(q: Queue) -> None:
     assert len(q.files("ok@example.test")) == 1
 
 
-async def test_a_sigkilled_writer_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["after-commit", "direct"])
+async def test_a_sigkilled_writer_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
     """Kill -9 the writer at random points while it delivers: the next writer
     gives back what the dead one had claimed (not after the 600 s lease), and
     the delivery loop then delivers it; every message reaches its Maildir at
-    least once (a duplicate is allowed, a loss is not), and the queue empties."""
+    least once (a duplicate is allowed, a loss is not), and the queue empties.
+    `direct`: the same while it writes messages before answering for them
+    (delivery/local_direct.py); what it had not answered the server stores
+    again (WriterGone), and the delivery loop delivers it."""
     monkeypatch.setattr(EnqueueProcess, "RESTART_DELAY", 0.05)
-    q = Queue(tmp_path)
+    q = Queue(tmp_path, direct=direct)
     await q.open()
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -236,7 +167,7 @@ async def test_a_sigkilled_writer_loses_nothing(tmp_path: Path, monkeypatch: pyt
         )  # fmt: skip
         task = asyncio.create_task(loop.run())
         try:
-            await until_async(lambda: _empty(q), f"the queue to empty (seed {seed})", 60)
+            await until(q.empty, f"the queue to empty (seed {seed})", 60)
         finally:
             await loop.stop()
             await task
@@ -290,7 +221,10 @@ def test_settings_follow_the_config(tmp_path: Path) -> None:
     assert on is not None
     assert on.maildir_template == f"{tmp_path}/mail/{{domain}}/{{user}}"
     assert on.log_format == "json" and on.owner == OWNER and on.metric_domains == ("example.test",)
+    assert on.direct is True
     assert Settings.from_json(on.to_json()) == on
+    after_commit = settings_for(config(tmp_path, "[delivery]\nlocal_direct = false"), "text")
+    assert after_commit is not None and after_commit.direct is False
     for extra in (
         "[delivery]\nlocal_at_enqueue = false",
         '[delivery]\nmaildir_sync = "file"',
@@ -303,6 +237,8 @@ def test_settings_follow_the_config(tmp_path: Path) -> None:
 def test_a_bad_value_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"delivery\.local_at_enqueue"):
         config(tmp_path, '[delivery]\nlocal_at_enqueue = "yes"')
+    with pytest.raises(ConfigError, match=r"delivery\.local_direct"):
+        config(tmp_path, "[delivery]\nlocal_direct = 1")
 
 
 def test_settings_survive_the_command_line() -> None:

@@ -1,0 +1,156 @@
+"""Local delivery before the reply (delivery/local_direct.py, driven by
+queue/sqlite_enqueue_child.py): the real writer process on a real SQLite queue
+writes an all-local message into real Maildirs before it answers, so the file
+is there when `enqueue` returns and the message is never queued; the queue
+keeps its trace; whatever it does not take, or cannot write, is queued as
+before. (A SIGKILL of the writer while it does this: test_local_at_enqueue.)"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gannet.delivery import local_direct
+from gannet.delivery.local import MaildirCopy
+from gannet.delivery.maildir import SYNCFS_AVAILABLE
+from gannet.queue.ids import new_queue_id
+from gannet.queue.model import InlineBody, NewMessage, NewRecipient, RecipientState, SpooledBody, Transport
+from gannet.smtp.events import Notify
+
+from .relay_helpers import until
+from .writer_queue import Queue, local, message, running
+
+pytestmark = pytest.mark.skipif(not SYNCFS_AVAILABLE, reason="local delivery at enqueue needs syncfs")
+
+
+@pytest.fixture
+async def q(tmp_path: Path) -> AsyncIterator[Queue]:
+    async with running(tmp_path, direct=True) as queue:
+        yield queue
+
+
+async def test_the_files_are_durable_in_new_when_enqueue_returns(q: Queue) -> None:
+    m = message(local("bob@example.test"), local("carol@example.test"))
+    assert await q.store.enqueue(m) is True  # nobody need wake the delivery loop
+    # No waiting: the answer came after the files.
+    for rcpt in ("bob@example.test", "carol@example.test"):
+        (path,) = q.files(rcpt)
+        expected = f"Return-Path: <a@remote.test>\nDelivered-To: {rcpt}\n"
+        expected += f"Message-ID: <{m.queue_id}@test>\n\nhello\n"
+        assert path.read_bytes() == expected.encode()
+        assert list((path.parent.parent / "tmp").iterdir()) == []
+    assert await q.empty(), "the message was queued"
+
+
+async def test_the_queue_keeps_its_trace(q: Queue) -> None:
+    m = message(local("bob@example.test"), local("carol@example.test"))
+    await q.store.enqueue(m)
+
+    async def traced() -> bool:
+        return any(e.event == "delivered" for e in await q.store.trace(m.queue_id))
+
+    await until(traced, "the history, written after the answer")
+    events = [(e.recipient, e.event, e.detail) for e in await q.store.trace(m.queue_id)]
+    files = {rcpt: str(q.files(rcpt)[0]) for rcpt in ("bob@example.test", "carol@example.test")}
+    for rcpt, path in files.items():
+        assert (rcpt, "delivered", path) in events
+    assert events[0][1] == "received", events  # from the summary a delivered message keeps
+
+
+async def test_a_stream_of_messages_is_delivered_once_each(q: Queue) -> None:
+    """Sent together, as busy sessions send them: written in batches."""
+    sent = [message(local(f"u{i % 7}@example.test")) for i in range(300)]
+    assert all(await asyncio.gather(*(q.store.enqueue(m) for m in sent)))
+    found = [p.read_bytes() for i in range(7) for p in q.files(f"u{i}@example.test")]
+    ids = sorted(b.split(b"Message-ID: <", 1)[1].split(b"@", 1)[0].decode() for b in found)
+    assert ids == sorted(m.queue_id for m in sent)
+    assert await q.empty()
+
+
+async def test_what_it_does_not_take_is_queued_as_before(q: Queue) -> None:
+    """A remote recipient, NOTIFY=SUCCESS (a DSN only the loop writes), a held
+    message and a spooled body: queued (the after-commit path delivers the
+    local half of the mixed one), nothing written before the answer."""
+    mixed = message(local("bob@example.test"), NewRecipient("x@remote.test", Transport.SMTP, "remote.test"))
+    success = message(local("carol@example.test", notify=Notify.SUCCESS.value))
+    held = message(local("dave@example.test"), held=True)
+    path = q.spool / "big.eml"
+    path.write_bytes(b"Subject: big\r\n\r\n" + b"x" * 20_000)
+    body = SpooledBody(path, path.stat().st_size)
+    spooled = NewMessage(new_queue_id(), "a@remote.test", (local("erin@example.test"),), body, time.time())
+    for m in (mixed, success, held, spooled):
+        assert not local_direct.takes(m)
+        assert await q.store.enqueue(m) is False, m
+    assert await q.states(success.queue_id) == {"carol@example.test": RecipientState.QUEUED}
+    assert await q.states(held.queue_id) == {"dave@example.test": RecipientState.QUEUED}
+    assert await q.states(spooled.queue_id) == {"erin@example.test": RecipientState.QUEUED}
+    assert (await q.states(mixed.queue_id))["x@remote.test"] is RecipientState.QUEUED
+    for rcpt in ("carol@example.test", "dave@example.test", "erin@example.test"):
+        assert q.files(rcpt) == []
+
+
+async def test_a_recipient_it_cannot_write_is_queued_alone(q: Queue) -> None:
+    """A file where one Maildir should be, and a mailbox name that is no path:
+    the one it could write is delivered and traced; the message is queued with
+    the other two only, due now, for the delivery loop."""
+    blocked = q.root / "example.test" / "blocked"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a directory")
+    m = message(local("blocked@example.test"), local("../evil@example.test"), local("ok@example.test"))
+    before = time.time()
+    await q.store.enqueue(m)
+    assert len(q.files("ok@example.test")) == 1
+    await until(lambda: q.released, "the after-commit path to give the two back")
+    views = {v.queue_id: v for v in await q.store.list_messages()}
+    left = {r.address: r for r in views[m.queue_id].recipients}
+    assert set(left) == {"blocked@example.test", "../evil@example.test"}
+    for r in left.values():
+        assert r.state is RecipientState.QUEUED and r.attempts == 0
+        assert r.next_attempt is not None and before - 1 <= r.next_attempt <= time.time()
+
+    async def ok_traced() -> bool:
+        return ("ok@example.test", "delivered") in [
+            (e.recipient, e.event) for e in await q.store.trace(m.queue_id)
+        ]
+
+    await until(ok_traced, "ok's delivery in the history")
+
+
+def test_it_takes_only_inline_unheld_all_local_mail_without_notify_success() -> None:
+    remote = NewRecipient("x@remote.test", Transport.SMTP, "remote.test")
+    assert local_direct.takes(message(local("a@example.test"), local("b@example.test")))
+    assert local_direct.takes(message(local("a@example.test", notify=(Notify.FAILURE | Notify.DELAY).value)))
+    assert not local_direct.takes(message(local("a@example.test"), remote))
+    assert not local_direct.takes(message(local("a@example.test", notify=Notify.SUCCESS.value)))
+    assert not local_direct.takes(message(local("a@example.test"), held=True))
+    body = InlineBody(b"x")
+    assert local_direct.takes(NewMessage(new_queue_id(), "", (local("a@example.test"),), body, time.time()))
+
+
+def test_a_large_group_is_written_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process, on real Maildirs: at most PIECE body bytes converted and
+    written per batch; every message written once, in order; the rest untouched."""
+    monkeypatch.setattr(local_direct, "PIECE", 1000)
+    batches: list[int] = []
+    real = local_direct.write_and_commit
+
+    def counting(copies: list[MaildirCopy]) -> list[Path | Exception]:
+        batches.append(len(copies))
+        return real(copies)
+
+    monkeypatch.setattr(local_direct, "write_and_commit", counting)
+    body = b"Subject: x\r\n\r\n" + b"y" * 380 + b"\r\n"  # 3 bodies are over 1,000 bytes
+    group = [(n, message(local(f"u{n}@example.test"), body=body)) for n in range(7)]
+    remote = (7, message(NewRecipient("x@remote.test", Transport.SMTP, "remote.test")))
+    taken, rest = local_direct.deliver(str(tmp_path / "{domain}" / "{user}"), [*group, remote])
+    assert batches == [2, 2, 2, 1]
+    assert rest == [remote]
+    assert [w.number for w in taken] == list(range(7))
+    for w in taken:
+        ((_, path),) = w.delivered
+        assert w.complete and path.parent == tmp_path / "example.test" / f"u{w.number}" / "new"
+        assert path.read_bytes().endswith(b"y" * 380 + b"\n")

@@ -1,0 +1,85 @@
+"""The SQLite store with its enqueue writer process delivering local mail, as
+the server runs it: shared by test_local_at_enqueue and test_local_direct."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from gannet.delivery.local_at_enqueue import Settings
+from gannet.queue.ids import new_queue_id
+from gannet.queue.model import InlineBody, NewMessage, NewRecipient, RecipientState, Transport
+from gannet.queue.sqlite import SqliteStore
+from gannet.queue.sqlite_enqueue_process import EnqueueProcess
+
+LEASE = 600.0  # longer than any test: only a release, never an expiry, frees a recipient
+
+
+def local(address: str, **kwargs: object) -> NewRecipient:
+    return NewRecipient(address, Transport.LOCAL, address.rpartition("@")[2], mailbox=address, **kwargs)
+
+
+def message(*rcpts: NewRecipient, body: bytes | None = None, held: bool = False) -> NewMessage:
+    qid = new_queue_id()
+    data = body if body is not None else f"Message-ID: <{qid}@test>\r\n\r\nhello\r\n".encode()
+    return NewMessage(qid, "a@remote.test", rcpts, InlineBody(data), time.time(), held=held)
+
+
+class Queue:
+    """A server's SQLite store with its enqueue writer delivering local mail
+    (`direct`: all-local messages before the reply, delivery/local_direct.py)."""
+
+    def __init__(self, tmp_path: Path, *, direct: bool = False) -> None:
+        self.root = tmp_path / "mail"
+        self.template = str(self.root / "{domain}" / "{user}")
+        (tmp_path / "spool").mkdir(exist_ok=True)
+        self.spool = tmp_path / "spool"
+        self.store = SqliteStore(
+            tmp_path / "queue.db",
+            spool_dir=self.spool,
+            enqueue_process=True,
+            release_leases_on_open=False,
+            local_delivery=Settings(self.template, LEASE, direct=direct).to_json(),
+        )
+        self.released = 0
+
+    async def open(self) -> None:
+        await self.store.open()
+        assert self.enqueuer.ready, "the enqueue writer process did not start"
+        self.enqueuer.on_released = self._on_released
+
+    def _on_released(self) -> None:
+        self.released += 1
+
+    @property
+    def enqueuer(self) -> EnqueueProcess:
+        enqueuer = self.store.enqueue_process
+        assert enqueuer is not None
+        return enqueuer
+
+    def files(self, mailbox: str) -> list[Path]:
+        user, _, domain = mailbox.partition("@")
+        new = self.root / domain / user / "new"
+        return sorted(new.iterdir()) if new.is_dir() else []
+
+    async def states(self, qid: str) -> dict[str, RecipientState]:
+        views = {v.queue_id: v for v in await self.store.list_messages()}
+        return {r.address: r.state for r in views[qid].recipients} if qid in views else {}
+
+    async def empty(self) -> bool:
+        return not await self.store.list_messages()
+
+    async def state_is(self, qid: str, address: str, state: RecipientState | None) -> bool:
+        return (await self.states(qid)).get(address) == state
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, *, direct: bool = False) -> AsyncIterator[Queue]:
+    queue = Queue(tmp_path, direct=direct)
+    await queue.open()
+    try:
+        yield queue
+    finally:
+        await queue.store.close()
