@@ -19,6 +19,7 @@ from gannet.delivery.local import MaildirCopy
 from gannet.delivery.maildir import SYNCFS_AVAILABLE
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, RecipientState, SpooledBody, Transport
+from gannet.queue.sqlite import SqliteStore
 from gannet.smtp.events import Notify
 
 from .relay_helpers import until
@@ -154,3 +155,18 @@ def test_a_large_group_is_written_in_pieces(tmp_path: Path, monkeypatch: pytest.
         ((_, path),) = w.delivered
         assert w.complete and path.parent == tmp_path / "example.test" / f"u{w.number}" / "new"
         assert path.read_bytes().endswith(b"y" * 380 + b"\n")
+
+
+async def test_a_writer_that_stops_records_the_traces_it_holds(tmp_path: Path) -> None:
+    """Traces wait up to TRACE_EVERY to be recorded together; a writer told to
+    stop (the server closing the store) records them before it exits."""
+    async with running(tmp_path, direct=True) as q:
+        m = message(local("bob@example.test"))
+        assert await q.store.enqueue(m) is True
+    store = SqliteStore(tmp_path / "queue.db", spool_dir=tmp_path / "spool", release_leases_on_open=False)
+    await store.open()
+    try:
+        events = [(e.recipient, e.event) for e in await store.trace(m.queue_id)]
+    finally:
+        await store.close()
+    assert ("bob@example.test", "delivered") in events
