@@ -5,13 +5,14 @@ queued. What the queue keeps of it is what it keeps of any delivered message:
 its history and its summary for `gannet trace`, written after the answer.
 
 Why: queued first, a local message costs the queue an fsync'd commit of its
-body, a lease, a second fsync'd commit to record the delivery and the delete,
-and the checkpoints that copy all of it into the database: about 75 KiB
-written per 4 KiB message (/proc/PID/io, bench/README.md "Session 15"). Written
-here, it costs its Maildir file and the two syncfs of a batch. Measured
-(bench/README.md, "Session 16"): the writer's CPU per message 0.49 → 0.32 ms
-and +11-14 % accepted messages per second at 10 sessions, one message per
-connection.
+body and recipients, a lease, and a second fsync'd commit to record the
+delivery and delete the rows, besides its Maildir file. Written here, it
+costs its Maildir file, the two syncfs of a batch, and the rows of its trace
+(recorded together, without fsync). Measured (bench/README.md, "Session 16";
+10 sessions, one message per connection): the enqueue writer's CPU a message
+0.49-0.51 → 0.38-0.41 ms, Gannet's in all 1.24-1.28 → 1.14-1.21 ms, the disk
+writes 83 → 70 KB a message; the rate did not move beyond noise there, and
+rose 5-15 % on reused connections.
 
 What it takes (`takes`): an inline body (spooled ones are large: the delivery
 loop streams them), not held, every recipient LOCAL, none asking NOTIFY=SUCCESS
