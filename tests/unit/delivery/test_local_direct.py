@@ -8,14 +8,19 @@ before. (A SIGKILL of the writer while it does this: test_local_at_enqueue.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import peers
 import pytest
 
+from gannet.clock import SystemClock
+from gannet.config import DeliveryConfig
 from gannet.delivery import local_direct
-from gannet.delivery.local import MaildirCopy
+from gannet.delivery.local import LocalDelivery, MaildirCopy
 from gannet.delivery.maildir import SYNCFS_AVAILABLE
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, RecipientState, SpooledBody, Transport
@@ -23,7 +28,7 @@ from gannet.queue.sqlite import SqliteStore
 from gannet.smtp.events import Notify
 
 from .relay_helpers import until
-from .writer_queue import Queue, local, message, running
+from .writer_queue import LEASE, Queue, local, message, running
 
 pytestmark = pytest.mark.skipif(not SYNCFS_AVAILABLE, reason="local delivery at enqueue needs syncfs")
 
@@ -170,3 +175,55 @@ async def test_a_writer_that_stops_records_the_traces_it_holds(tmp_path: Path) -
     finally:
         await store.close()
     assert ("bob@example.test", "delivered") in events
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs of its own (root only; skipped elsewhere, a failure in CI)."""
+    mountpoint = tmp_path / "mail"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mountpoint)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        reason = f"needs root to mount a tmpfs ({mounted.stderr.strip()})"
+        if peers.in_ci():
+            pytest.fail(f"CI=true and {reason}", pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+async def test_a_full_disk_loses_nothing(tmp_path: Path, small_disk: Path) -> None:
+    """The Maildirs' filesystem full: the message cannot be written before the
+    reply, nor after the commit; it is queued, due now, and the enqueue
+    succeeds (the queue is on another filesystem). Space freed, the delivery
+    loop delivers it, once."""
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"x" * 65536)
+            f.flush()
+    async with running(tmp_path, direct=True) as q:
+        assert q.root == small_disk
+        m = message(local("bob@example.test"))
+        await q.store.enqueue(m)
+        await until(lambda: q.released, "the after-commit path to give it back")
+        assert await q.states(m.queue_id) == {"bob@example.test": RecipientState.QUEUED}
+        assert q.files("bob@example.test") == []
+        filler.unlink()
+        loop = LocalDelivery(
+            q.store, maildir_template=q.template, delivery=DeliveryConfig(), clock=SystemClock(),
+            batch_sync=True, lease_seconds=LEASE,
+        )  # fmt: skip
+        task = asyncio.create_task(loop.run())
+        try:
+            await until(q.empty, "the delivery loop to deliver it")
+        finally:
+            await loop.stop()
+            await task
+        (path,) = q.files("bob@example.test")
+        assert f"<{m.queue_id}@test>".encode() in path.read_bytes()
