@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from gannet.clock import SystemClock
-from gannet.config import Config, ConfigError, DeliveryConfig
+from gannet.config import Config, ConfigError
 from gannet.config import load as load_config
 from gannet.delivery import local_at_enqueue
-from gannet.delivery.local import FileJob, LocalDelivery
+from gannet.delivery.local import FileJob
 from gannet.delivery.local_at_enqueue import OWNER, LocalAtEnqueue, Results, Settings, settings_for
 from gannet.delivery.maildir import SYNCFS_AVAILABLE
 from gannet.queue.ids import new_queue_id
@@ -41,7 +40,7 @@ from gannet.queue.sqlite_enqueue_process import EnqueueProcess
 from gannet.smtp.events import Notify
 
 from .relay_helpers import until
-from .writer_queue import LEASE, Queue, local, message, running
+from .writer_queue import LEASE, Queue, half_writable, local, message, running
 
 pytestmark = pytest.mark.skipif(not SYNCFS_AVAILABLE, reason="local delivery at enqueue needs syncfs")
 
@@ -79,10 +78,19 @@ async def test_a_stream_of_messages_is_delivered_once_each(q: Queue) -> None:
     assert q.released == 0
 
 
-async def test_what_is_not_the_writers_is_left_queued_for_the_delivery_loop(q: Queue) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["after-commit", "direct"])
+async def test_what_is_not_the_writers_is_left_queued_for_the_delivery_loop(
+    tmp_path: Path, direct: bool
+) -> None:
     """Remote recipients, NOTIFY=SUCCESS (a DSN only the loop writes), held
     messages and spooled bodies: queued, not leased, and the server is told to
-    wake the delivery loop (enqueue returns False)."""
+    wake the delivery loop (enqueue returns False). The same with `direct`
+    (delivery/local_direct.py), which takes none of them."""
+    async with running(tmp_path, direct=direct) as q:
+        await _left_to_the_loop(q)
+
+
+async def _left_to_the_loop(q: Queue) -> None:
     mixed = message(local("bob@example.test"), NewRecipient("x@remote.test", Transport.SMTP, "remote.test"))
     success = message(local("carol@example.test", notify=Notify.SUCCESS.value))
     held = message(local("dave@example.test"), held=True)
@@ -104,15 +112,11 @@ async def test_what_is_not_the_writers_is_left_queued_for_the_delivery_loop(q: Q
         assert q.files(rcpt) == []
 
 
-
 async def test_what_cannot_be_written_is_given_back_due_now(q: Queue) -> None:
     """A file where the Maildir should be, and a mailbox name that is no path:
     the recipients are queued again at once (not leased), nothing recorded,
     and the server is told to wake the delivery loop."""
-    blocked = q.root / "example.test" / "blocked"
-    blocked.parent.mkdir(parents=True)
-    blocked.write_text("not a directory")
-    m = message(local("blocked@example.test"), local("../evil@example.test"), local("ok@example.test"))
+    m = half_writable(q.root)
     before = time.time()
     await q.store.enqueue(m)
     await until(lambda: q.released, "the server to hear of the given-back recipients")
@@ -161,16 +165,7 @@ async def test_a_sigkilled_writer_loses_nothing(
             await until(lambda: q.enqueuer.pid != pid, f"writer {pid} to be replaced")  # noqa: B023
         await until(lambda: q.enqueuer.ready, "the last restarted writer")
         # The delivery loop (as the worker runs it) takes what the writers left.
-        loop = LocalDelivery(
-            q.store, maildir_template=q.template, delivery=DeliveryConfig(), clock=SystemClock(),
-            batch_sync=True, lease_seconds=LEASE,
-        )  # fmt: skip
-        task = asyncio.create_task(loop.run())
-        try:
-            await until(q.empty, f"the queue to empty (seed {seed})", 60)
-        finally:
-            await loop.stop()
-            await task
+        await q.drain(f"the queue to empty (seed {seed})", 60)
     finally:
         await q.store.close()
     found = [p.read_bytes() for i in range(5) for p in q.files(f"u{i}@example.test")]

@@ -17,10 +17,8 @@ from pathlib import Path
 import peers
 import pytest
 
-from gannet.clock import SystemClock
-from gannet.config import DeliveryConfig
 from gannet.delivery import local_direct
-from gannet.delivery.local import LocalDelivery, MaildirCopy
+from gannet.delivery.local import MaildirCopy
 from gannet.delivery.maildir import SYNCFS_AVAILABLE
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, RecipientState, SpooledBody, Transport
@@ -28,7 +26,7 @@ from gannet.queue.sqlite import SqliteStore
 from gannet.smtp.events import Notify
 
 from .relay_helpers import until
-from .writer_queue import LEASE, Queue, local, message, running
+from .writer_queue import Queue, half_writable, local, message, running
 
 pytestmark = pytest.mark.skipif(not SYNCFS_AVAILABLE, reason="local delivery at enqueue needs syncfs")
 
@@ -77,36 +75,11 @@ async def test_a_stream_of_messages_is_delivered_once_each(q: Queue) -> None:
     assert await q.empty()
 
 
-async def test_what_it_does_not_take_is_queued_as_before(q: Queue) -> None:
-    """A remote recipient, NOTIFY=SUCCESS (a DSN only the loop writes), a held
-    message and a spooled body: queued (the after-commit path delivers the
-    local half of the mixed one), nothing written before the answer."""
-    mixed = message(local("bob@example.test"), NewRecipient("x@remote.test", Transport.SMTP, "remote.test"))
-    success = message(local("carol@example.test", notify=Notify.SUCCESS.value))
-    held = message(local("dave@example.test"), held=True)
-    path = q.spool / "big.eml"
-    path.write_bytes(b"Subject: big\r\n\r\n" + b"x" * 20_000)
-    body = SpooledBody(path, path.stat().st_size)
-    spooled = NewMessage(new_queue_id(), "a@remote.test", (local("erin@example.test"),), body, time.time())
-    for m in (mixed, success, held, spooled):
-        assert not local_direct.takes(m)
-        assert await q.store.enqueue(m) is False, m
-    assert await q.states(success.queue_id) == {"carol@example.test": RecipientState.QUEUED}
-    assert await q.states(held.queue_id) == {"dave@example.test": RecipientState.QUEUED}
-    assert await q.states(spooled.queue_id) == {"erin@example.test": RecipientState.QUEUED}
-    assert (await q.states(mixed.queue_id))["x@remote.test"] is RecipientState.QUEUED
-    for rcpt in ("carol@example.test", "dave@example.test", "erin@example.test"):
-        assert q.files(rcpt) == []
-
-
 async def test_a_recipient_it_cannot_write_is_queued_alone(q: Queue) -> None:
     """A file where one Maildir should be, and a mailbox name that is no path:
     the one it could write is delivered and traced; the message is queued with
     the other two only, due now, for the delivery loop."""
-    blocked = q.root / "example.test" / "blocked"
-    blocked.parent.mkdir(parents=True)
-    blocked.write_text("not a directory")
-    m = message(local("blocked@example.test"), local("../evil@example.test"), local("ok@example.test"))
+    m = half_writable(q.root)
     before = time.time()
     await q.store.enqueue(m)
     assert len(q.files("ok@example.test")) == 1
@@ -133,8 +106,10 @@ def test_it_takes_only_inline_unheld_all_local_mail_without_notify_success() -> 
     assert not local_direct.takes(message(local("a@example.test"), remote))
     assert not local_direct.takes(message(local("a@example.test", notify=Notify.SUCCESS.value)))
     assert not local_direct.takes(message(local("a@example.test"), held=True))
-    body = InlineBody(b"x")
-    assert local_direct.takes(NewMessage(new_queue_id(), "", (local("a@example.test"),), body, time.time()))
+    a = (local("a@example.test"),)
+    assert local_direct.takes(NewMessage(new_queue_id(), "", a, InlineBody(b"x"), time.time()))
+    spooled = SpooledBody(Path("/spool/big.eml"), 300_000)
+    assert not local_direct.takes(NewMessage(new_queue_id(), "", a, spooled, time.time()))
 
 
 def test_a_large_group_is_written_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -215,15 +190,6 @@ async def test_a_full_disk_loses_nothing(tmp_path: Path, small_disk: Path) -> No
         assert await q.states(m.queue_id) == {"bob@example.test": RecipientState.QUEUED}
         assert q.files("bob@example.test") == []
         filler.unlink()
-        loop = LocalDelivery(
-            q.store, maildir_template=q.template, delivery=DeliveryConfig(), clock=SystemClock(),
-            batch_sync=True, lease_seconds=LEASE,
-        )  # fmt: skip
-        task = asyncio.create_task(loop.run())
-        try:
-            await until(q.empty, "the delivery loop to deliver it")
-        finally:
-            await loop.stop()
-            await task
+        await q.drain("the delivery loop to deliver it")
         (path,) = q.files("bob@example.test")
         assert f"<{m.queue_id}@test>".encode() in path.read_bytes()

@@ -3,16 +3,22 @@ the server runs it: shared by test_local_at_enqueue and test_local_direct."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from gannet.clock import SystemClock
+from gannet.config import DeliveryConfig
+from gannet.delivery.local import LocalDelivery
 from gannet.delivery.local_at_enqueue import Settings
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, RecipientState, Transport
 from gannet.queue.sqlite import SqliteStore
 from gannet.queue.sqlite_enqueue_process import EnqueueProcess
+
+from .relay_helpers import until
 
 LEASE = 600.0  # longer than any test: only a release, never an expiry, frees a recipient
 
@@ -25,6 +31,16 @@ def message(*rcpts: NewRecipient, body: bytes | None = None, held: bool = False)
     qid = new_queue_id()
     data = body if body is not None else f"Message-ID: <{qid}@test>\r\n\r\nhello\r\n".encode()
     return NewMessage(qid, "a@remote.test", rcpts, InlineBody(data), time.time(), held=held)
+
+
+def half_writable(root: Path) -> NewMessage:
+    """A message for three local recipients of which only ok@ can be written
+    under the Maildir root `root`: blocked@ finds a file where its Maildir
+    should be, and ../evil@ is no path."""
+    blocked = root / "example.test" / "blocked"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a directory")
+    return message(local("blocked@example.test"), local("../evil@example.test"), local("ok@example.test"))
 
 
 class Queue:
@@ -70,6 +86,19 @@ class Queue:
 
     async def empty(self) -> bool:
         return not await self.store.list_messages()
+
+    async def drain(self, what: str, seconds: float = 10.0) -> None:
+        """Run the delivery loop, as the delivery worker runs it, until the queue is empty."""
+        loop = LocalDelivery(
+            self.store, maildir_template=self.template, delivery=DeliveryConfig(), clock=SystemClock(),
+            batch_sync=True, lease_seconds=LEASE,
+        )  # fmt: skip
+        task = asyncio.create_task(loop.run())
+        try:
+            await until(self.empty, what, seconds)
+        finally:
+            await loop.stop()
+            await task
 
     async def state_is(self, qid: str, address: str, state: RecipientState | None) -> bool:
         return (await self.states(qid)).get(address) == state
