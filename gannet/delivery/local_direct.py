@@ -43,11 +43,11 @@ from gannet.delivery.local import RELAY, write_and_commit
 from gannet.delivery.maildir import maildir_path, to_lf
 from gannet.delivery.outcome_log import log_outcome
 from gannet.queue.model import Delivered, InlineBody, NewMessage, NewRecipient, Transport
+from gannet.queue.sqlite_enqueue_wire import Request
 from gannet.smtp.events import Notify
 
 log = logging.getLogger("gannet.delivery.local")
 
-Request = tuple[int, NewMessage]  # the writer's request number, the message
 # Body bytes a batch converts and writes at once: up to the writer's 512
 # requests of inline bodies (each under the spool threshold) would be far more.
 PIECE = 32 * 1024 * 1024

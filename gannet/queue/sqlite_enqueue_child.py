@@ -54,7 +54,7 @@ from gannet.delivery.local_at_enqueue import LocalAtEnqueue, Settings
 from gannet.logsetup import setup_logging
 from gannet.queue import sqlite_enqueue_wire as wire
 from gannet.queue import sqlite_ops as ops
-from gannet.queue.model import Claim, InlineBody, NewMessage, Transport
+from gannet.queue.model import Claim, InlineBody, Transport
 from gannet.queue.sqlite_schema import connect
 from gannet.queue.sqlite_writer import Job, Writer, WriterStats
 from gannet.util.parent_watch import exit_with_parent
@@ -107,9 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-_Request = tuple[int, NewMessage]  # a request's number, its message
-
-
 @dataclass(slots=True)
 class _Fresh:
     """The claim of one group's local recipients, waiting to be handed over."""
@@ -156,7 +153,7 @@ class _Local:
         delivery.start()
         return cls(delivery, ready_r, released)
 
-    def write_direct(self, sock: socket.socket, group: list[_Request]) -> list[_Request]:
+    def write_direct(self, sock: socket.socket, group: list[wire.Request]) -> list[wire.Request]:
         """Deliver the group's all-local messages now (delivery/local_direct.py)
         and answer those written whole; returns what is left to enqueue: the
         requests not taken, and the taken messages with their recipients not
@@ -174,7 +171,7 @@ class _Local:
         self._written += taken
         return rest + [(w.number, replace(w.message, recipients=tuple(w.left))) for w in taken if w.left]
 
-    def claim_jobs(self, ctx: ops.Ctx, group: list[_Request]) -> list[Job]:
+    def claim_jobs(self, ctx: ops.Ctx, group: list[wire.Request]) -> list[Job]:
         """The job that leases the group's local recipients, in its transaction.
         Its `future` is its kind (a str; the requests' are ints), so that
         `conclude` can find its result."""
@@ -207,7 +204,7 @@ class _Local:
         messages delivered before the reply."""
         results = self.delivery.take_results()
         jobs: list[Job] = []
-        if self._written and (last or self.trace_wait() == 0.0 or len(self._written) >= TRACE_MAX):
+        if self._written and (last or self._trace_due <= time.monotonic() or len(self._written) >= TRACE_MAX):
             # Not durable: losing it in a power cut loses a trace, never mail.
             written, self._written = self._written, []
             rows = [(w.message, [(r.address, str(path)) for r, path in w.delivered], w.complete, w.at)
@@ -222,7 +219,7 @@ class _Local:
         return jobs
 
     def conclude(
-        self, done: list[tuple[Any, Any, BaseException | None]], group: list[_Request]
+        self, done: list[tuple[Any, Any, BaseException | None]], group: list[wire.Request]
     ) -> tuple[list[int], bool]:
         """Read the extra jobs' results. Returns the request numbers whose
         recipients are all claimed here (the server need not wake the delivery
@@ -277,10 +274,9 @@ def _serve(
     one, bulk = partial(ops.enqueue_one, ctx), partial(ops.enqueue_many, ctx)
     frames = wire.FrameBuffer()
     while True:
-        if local is None:
-            requests, open_ = _receive(sock, frames, None, None)
-        else:
-            requests, open_ = _receive(sock, frames, local.ready_fd, local.trace_wait())
+        requests, open_ = _receive(
+            sock, frames, local.ready_fd if local else None, local.trace_wait() if local else None
+        )
         messages = [wire.message_of(r) for r in requests]
         for start in range(0, len(messages), max_batch):
             group = messages[start : start + max_batch]
@@ -305,7 +301,7 @@ def _transaction(
     writer: Writer,
     commits: list[wire.Commit],
     jobs: list[Job],
-    group: list[_Request],
+    group: list[wire.Request],
     local: _Local | None,
 ) -> None:
     """Run `jobs` (a group's enqueues, or local delivery's results) and tell the

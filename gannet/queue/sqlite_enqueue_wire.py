@@ -70,7 +70,10 @@ def request(number: int, message: NewMessage) -> bytes:
     )  # fmt: skip
 
 
-def message_of(value: Any) -> tuple[int, NewMessage]:
+Request = tuple[int, NewMessage]  # a request as the writer reads it: its number, its message
+
+
+def message_of(value: Any) -> Request:
     """The inverse of `request` (on a frame's decoded value)."""
     number, fields = value
     (queue_id, sender, recipients, body, received_at, envid, ret, smtputf8,

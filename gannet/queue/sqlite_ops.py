@@ -202,9 +202,8 @@ def enqueue_unless_stored(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, message:
 # (delivery/local_direct.py): per message, the recipients delivered as
 # (address, detail), whether none is left to queue, and when.
 DirectArgs = Sequence[tuple[NewMessage, Sequence[tuple[str, str]], bool, float]]
-_INSERT_COMPLETED = """
-    INSERT INTO completed (queue_id, message_id, sender, received_at, size, client, completed_at)
-"""
+_COMPLETED_COLUMNS = "queue_id, message_id, sender, received_at, size, client, completed_at"
+_INSERT_COMPLETED = f"INSERT INTO completed ({_COMPLETED_COLUMNS})"
 
 
 def record_direct(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: DirectArgs) -> None:
@@ -453,8 +452,8 @@ def _apply_deliveries(
     return applied
 
 
-_KEEP_SUMMARY = """
-    INSERT INTO completed (queue_id, message_id, sender, received_at, size, client, completed_at)
+_KEEP_SUMMARY = f"""
+    {_INSERT_COMPLETED}
     SELECT queue_id, message_id, sender, received_at, size, client, ? FROM messages WHERE queue_id = ?
 """
 

@@ -255,13 +255,20 @@ def test_sighup_moves_the_admin_server(gannet: Gannet) -> None:
 
 
 def _sent_by(server: peers.GannetProcess, subject: str) -> int:
-    """The PID in the mail log's status=sent line of the message `subject` (send())."""
-    log = server.log_text()
-    queued = re.search(rf"gannet\[\d+\]: (\w+): from=.*message-id=<{subject}@t>", log)
-    assert queued, f"{subject!r} not queued"
-    sent = re.search(rf"gannet\[(\d+)\]: {queued.group(1)}: to=<[^>]+>, relay=maildir, .*status=sent", log)
-    assert sent, f"{subject!r} not delivered"
-    return int(sent.group(1))
+    """The PID in the mail log's status=sent line of the message `subject` (send()).
+    Waited for: delivered before the 250 ([delivery] local_direct), the file is in
+    the Maildir before either process has logged the message."""
+
+    def sender() -> int | None:
+        log = server.log_text()
+        queued = re.search(rf"gannet\[\d+\]: (\w+): from=.*message-id=<{subject}@t>", log)
+        if queued is None:
+            return None
+        line = rf"gannet\[(\d+)\]: {queued.group(1)}: to=<[^>]+>, relay=maildir, .*status=sent"
+        sent = re.search(line, log)
+        return int(sent.group(1)) if sent else None
+
+    return int(peers.wait_for(sender, 15, f"{subject!r} logged as queued and sent"))
 
 
 def _enqueue_writers(server: peers.GannetProcess) -> list[int]:
