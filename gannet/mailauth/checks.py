@@ -12,7 +12,10 @@ check shares one DNS cache). A session calls:
   not cached all at once, verifies (in an executor for messages above
   `INLINE_VERIFY_LIMIT`; below it a thread hop costs more than the work),
   evaluates DMARC and returns a `Verdict`: the Authentication-Results field to
-  prepend, a filter that drops forged fields, and what DMARC says to do.
+  prepend, a filter that drops forged fields, and what DMARC says to do;
+- or `verdict_now(spf, data, mode)`, the same without awaiting anything, for
+  a message in memory whose checks need no lookup and no executor (None
+  when they would: then `finish`).
 
 Speed (issue 4: the checks may cost at most a third of the accept rate): a
 message whose records are cached costs no DNS query, no task and no trip
@@ -94,6 +97,30 @@ class Verdict:
         return authres.is_ours(raw_field, self.hostname) or raw_field[:20].lower() == b"x-gannet-quarantine:"
 
 
+@dataclass(slots=True)
+class _Needs:
+    """What one message's header section asks of the checks, and the DNS answers found so far."""
+
+    head: dkim_verify.ParsedHead
+    from_domains: list[str]
+    with_dmarc: bool  # DMARC is evaluated (the listener's mode is not off)
+    arc_present: bool
+    dkim_names: list[str]  # the key records to fetch (none for a message too large to verify)
+    arc_names: list[str]
+    known: dict[str, TxtAnswer] = field(default_factory=dict)
+    # Per From domain (when `dmarc`): its policy discovery, or the name to look up next.
+    steps: list[dmarc.Discovery | str] = field(default_factory=list)
+    missing: bool = False  # some answer is not cached: `_fetch` it
+
+    @property
+    def dmarc_domains(self) -> list[str]:
+        return self.from_domains if self.with_dmarc else []
+
+    @property
+    def verifiable(self) -> bool:
+        return bool(self.head.signatures or self.arc_names)
+
+
 class InboundChecks:
     def __init__(
         self,
@@ -161,9 +188,30 @@ class InboundChecks:
         try:
             return await self._finish(spf, body, mode, sender, helo)
         except Exception as exc:  # fail soft: the message is accepted with what we know
-            log.exception("mailauth: checks failed unexpectedly (%r); results recorded as temperror", exc)
-            results = [ResInfo(m, "temperror", "internal error") for m in ("spf", "dkim", "dmarc", "arc")]
-            return self._verdict(results, None, mode)
+            return self._internal_error(exc, mode)
+
+    def verdict_now(
+        self, spf: spf_mod.SpfOutcome, data: bytes, mode: DmarcMode, *, sender: str = "", helo: str = ""
+    ) -> Verdict | None:
+        """`finish` without waiting, for a message in memory whose checks need nothing awaited:
+        every DNS answer cached, and small enough to verify inline. None when something must
+        be awaited (call `finish` then). The checker child answers most messages this way, with
+        no task per message."""
+        if len(data) > min(INLINE_VERIFY_LIMIT, self.max_verify_size):
+            return None
+        try:
+            needs = self._needs(data, mode)  # all of it is the start: it is small
+            if needs.missing:
+                return None
+            dkim_outcomes, arc = self._verify_now(data, needs)
+            return self._conclude(needs, spf, dkim_outcomes, arc, mode, sender, helo)
+        except Exception as exc:  # as in `finish`
+            return self._internal_error(exc, mode)
+
+    def _internal_error(self, exc: Exception, mode: DmarcMode) -> Verdict:
+        log.exception("mailauth: checks failed unexpectedly (%r); results recorded as temperror", exc)
+        results = [ResInfo(m, "temperror", "internal error") for m in ("spf", "dkim", "dmarc", "arc")]
+        return self._verdict(results, None, mode)
 
     async def _finish(
         self,
@@ -173,58 +221,93 @@ class InboundChecks:
         sender: str,
         helo: str,
     ) -> Verdict:
-        section, _ = split_head(await read_head(body))
-        fields = header_fields(section)  # the one parse of the header section, shared below
-        from_domains = _from_domains(fields)
         small = body.size <= self.max_verify_size
-        head = dkim_verify.parse_head(section, fields)
-        has_dkim = bool(head.signatures)
-        arc_present = arc_verify.has_arc(section)
-        dkim_names = head.key_names() if small else []
-        arc_names = arc_verify.arc_key_names(section) if small and arc_present else []
-        # Every answer from the resolver's cache first, synchronously; the lookups (and the
-        # tasks that gather them) only for what is not cached.
-        known: dict[str, TxtAnswer] = {}
-        lookup = functools.partial(self._known, known)
-        dmarc_domains = from_domains if mode is not DmarcMode.OFF else []
-        steps = [dmarc.discover_step(d, lookup) for d in dmarc_domains]
-        discoveries = [step for step in steps if isinstance(step, dmarc.Discovery)]
-        missing = [n for n in dict.fromkeys(dkim_names + arc_names) if lookup(n) is None]
-        if missing or len(discoveries) < len(steps):
-            fetch = functools.partial(self._fetch, known)
-            _, discoveries = await asyncio.gather(
-                asyncio.gather(*(fetch(n) for n in missing)),
-                asyncio.gather(*(dmarc.discover(d, fetch) for d in dmarc_domains)),  # cached ones: no query
-            )
-        dkim_keys = {n: known[n] for n in dkim_names}
-        arc_keys = {n: known[n] for n in arc_names}
+        needs = self._needs(await read_head(body), mode, verifies=small)
+        if needs.missing:
+            await self._fetch(needs)
         spf = await self._spf_result(spf_source, sender, helo)
-
         dkim_outcomes: list[dkim_verify.DkimOutcome] = []
         arc = arc_verify.ArcOutcome("none")
-        if small and (has_dkim or arc_names):
+        if small and needs.verifiable:
             data = await read_all(body)
-            dkim_outcomes, arc = await self._verify(data, head, dkim_keys, arc_keys, bool(arc_names))
-        elif has_dkim:
+            if len(data) <= INLINE_VERIFY_LIMIT:  # a thread hop would cost more than the work
+                dkim_outcomes, arc = self._verify_now(data, needs)
+            else:
+                work = functools.partial(self._verify_now, data, needs)
+                dkim_outcomes, arc = await asyncio.get_running_loop().run_in_executor(None, work)
+        elif needs.head.signatures:
             dkim_outcomes = [
                 dkim_verify.DkimOutcome("neutral", reason=f"message too large to verify ({body.size} bytes)")
             ]
-        if not small and arc_present:
+        if not small and needs.arc_present:
             arc = arc_verify.ArcOutcome("none", "message too large to verify")
+        return self._conclude(needs, spf, dkim_outcomes, arc, mode, sender, helo)
 
+    def _needs(self, start: bytes, mode: DmarcMode, *, verifies: bool = True) -> _Needs:
+        """What the header section (in `start`, the message's first bytes) asks of the checks,
+        with every answer the resolver has cached. `verifies`: DKIM and ARC keys are wanted
+        (False for a message too large to verify)."""
+        section, _ = split_head(start)
+        fields = header_fields(section)  # the one parse of the header section, shared below
+        from_domains = _from_domains(fields)
+        head = dkim_verify.parse_head(section, fields)
+        arc_present = arc_verify.has_arc(section)
+        dkim_names = head.key_names() if verifies else []
+        arc_names = arc_verify.arc_key_names(section) if verifies and arc_present else []
+        needs = _Needs(head, from_domains, mode is not DmarcMode.OFF, arc_present, dkim_names, arc_names)
+        # Every answer from the resolver's cache first, synchronously; `_fetch` looks up the rest.
+        lookup = functools.partial(self._known, needs.known)
+        needs.steps = [dmarc.discover_step(d, lookup) for d in needs.dmarc_domains]
+        needs.missing = any(isinstance(step, str) for step in needs.steps) or any(
+            lookup(n) is None for n in dkim_names + arc_names
+        )
+        return needs
+
+    async def _fetch(self, needs: _Needs) -> None:
+        """Look up, all at once, every answer `_needs` did not find cached."""
+        fetch = functools.partial(self._lookup, needs.known)
+        names = dict.fromkeys(needs.dkim_names + needs.arc_names)
+        _, discoveries = await asyncio.gather(
+            asyncio.gather(*(fetch(n) for n in names)),  # cached ones: no query
+            asyncio.gather(*(dmarc.discover(d, fetch) for d in needs.dmarc_domains)),
+        )
+        needs.steps = list(discoveries)
+
+    def _verify_now(
+        self, data: bytes, needs: _Needs
+    ) -> tuple[list[dkim_verify.DkimOutcome], arc_verify.ArcOutcome]:
+        known = needs.known
+        head = needs.head
+        dkim_keys = {n: known[n] for n in needs.dkim_names}
+        dkim_out = dkim_verify.verify(data, dkim_keys, head=head) if head.signatures else []
+        if not needs.arc_names:
+            return dkim_out, arc_verify.ArcOutcome("none")
+        return dkim_out, arc_verify.verify(data, {n: known[n] for n in needs.arc_names})
+
+    def _conclude(
+        self,
+        needs: _Needs,
+        spf: spf_mod.SpfOutcome,
+        dkim_outcomes: list[dkim_verify.DkimOutcome],
+        arc: arc_verify.ArcOutcome,
+        mode: DmarcMode,
+        sender: str,
+        helo: str,
+    ) -> Verdict:
         results = [_spf_info(spf, sender, helo)]
         results += [_dkim_info(o) for o in dkim_outcomes] or [ResInfo("dkim", "none")]
         outcomes: list[dmarc.DmarcOutcome] = []
         if mode is not DmarcMode.OFF:
             spf_domain = spf.domain if spf.result is spf_mod.SpfResult.PASS else ""
             passed = [o.domain for o in dkim_outcomes if o.result == "pass"]
-            for domain, discovery in zip(from_domains, discoveries, strict=True):
+            for domain, discovery in zip(needs.from_domains, needs.steps, strict=True):
+                assert isinstance(discovery, dmarc.Discovery)  # `_needs` or `_fetch` found them all
                 outcomes.append(
                     dmarc.evaluate(
                         domain, discovery, spf_pass_domain=spf_domain, dkim_pass_domains=passed, rng=self.rng
                     )
                 )
-            if not from_domains:
+            if not needs.from_domains:
                 outcomes.append(dmarc.DmarcOutcome("permerror", "", reason="no From address"))
             results += [_dmarc_info(o) for o in outcomes]
         results.append(ResInfo("arc", arc.result, arc.reason))
@@ -239,7 +322,7 @@ class InboundChecks:
                 found = known[name] = TxtAnswer(tuple(records))
         return found
 
-    async def _fetch(self, known: dict[str, TxtAnswer], name: str) -> TxtAnswer:
+    async def _lookup(self, known: dict[str, TxtAnswer], name: str) -> TxtAnswer:
         found = self._known(known, name)
         if found is None:
             found = known[name] = await txt_records(self.resolver, name)
@@ -252,23 +335,6 @@ class InboundChecks:
         if isinstance(spf, spf_mod.SpfOutcome):
             return spf
         return await spf
-
-    async def _verify(
-        self,
-        data: bytes,
-        head: dkim_verify.ParsedHead,
-        dkim_keys: dict[str, TxtAnswer],
-        arc_keys: dict[str, TxtAnswer],
-        has_arc: bool,
-    ) -> tuple[list[dkim_verify.DkimOutcome], arc_verify.ArcOutcome]:
-        def work() -> tuple[list[dkim_verify.DkimOutcome], arc_verify.ArcOutcome]:
-            dkim_out = dkim_verify.verify(data, dkim_keys, head=head) if head.signatures else []
-            arc_out = arc_verify.verify(data, arc_keys) if has_arc else arc_verify.ArcOutcome("none")
-            return dkim_out, arc_out
-
-        if len(data) <= INLINE_VERIFY_LIMIT:
-            return work()
-        return await asyncio.get_running_loop().run_in_executor(None, work)
 
     def _verdict(
         self, results: list[ResInfo], outcomes: list[dmarc.DmarcOutcome] | None, mode: DmarcMode

@@ -152,16 +152,56 @@ async def test_an_answer_that_does_not_decode_kills_the_child_and_fails_its_requ
     other end writes a frame that is not a pickle (as a corrupted child would)."""
     ours, theirs = socket.socketpair()
     proc = await asyncio.create_subprocess_exec("sleep", "60")
-    reader, writer = await asyncio.open_unix_connection(sock=ours)
-    channel = checker._Channel(proc, reader, writer)
+    loop = asyncio.get_running_loop()
+    _, channel = await loop.create_unix_connection(lambda: checker._Channel(proc), sock=ours)
     asking = asyncio.ensure_future(channel.ask(("anything",)))
-    reading = asyncio.ensure_future(channel.read_replies())
     await asyncio.sleep(0.05)
     theirs.sendall(checker.FRAME.pack(1, 5) + b"junk!")
     with pytest.raises(checker.CheckerLost):
         await asyncio.wait_for(asking, 10)
-    await asyncio.wait_for(reading, 10)
+    await asyncio.wait_for(channel.lost, 10)
     assert await asyncio.wait_for(proc.wait(), 10) == -signal.SIGKILL
     assert not channel.alive
     assert "unreadable answer from the checker process" in caplog.text
     theirs.close()
+
+
+async def test_a_request_that_does_not_decode_ends_the_childs_end(
+    nameserver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The child's end, on a real socket: a frame that is not a request closes it (the child
+    then exits, and the server checks in itself)."""
+    ours, theirs = socket.socketpair()
+    here = InboundChecks(Resolver([nameserver]), HOST)
+    loop = asyncio.get_running_loop()
+    _, answers = await loop.create_unix_connection(lambda: checker._Answers(here), sock=ours)
+    assert theirs.recv(64) == checker.FRAME.pack(checker.READY_ID, 0)
+    theirs.sendall(checker.FRAME.pack(1, 5) + b"junk!")
+    await asyncio.wait_for(answers.lost, 10)
+    assert "unreadable request from the server" in caplog.text
+    theirs.close()
+
+
+async def test_requests_made_together_are_each_answered_with_their_own_verdict(
+    checks: ProcessChecks, signed: tuple[bytes, str]
+) -> None:
+    """Forty sessions ending their DATA in the same turn of the loop: their requests go out
+    in one write and come back batched; each message gets its own verdict."""
+    message = signed[0]
+    altered = message.replace(b"Hello.", b"Hello!")
+    await _child_running(checks, message)
+    await _check(checks, message)  # the child has the records cached from here on
+    before = checks.in_child
+    bodies = [altered if n % 3 == 0 else message for n in range(40)]
+    verdicts = await asyncio.gather(*(_check(checks, body) for body in bodies))
+    assert checks.in_child == before + 40
+    for body, verdict in zip(bodies, verdicts, strict=True):
+        assert (verdict.reject is None) == (body is message)
+
+
+@pytest.mark.parametrize("cut", range(1, 30))
+def test_frames_come_out_whole_however_the_stream_is_cut(cut: int) -> None:
+    stream = b"".join(checker.FRAME.pack(n, len(p)) + p for n, p in enumerate([b"", b"ab", b"x" * 9], 1))
+    frames = checker._Frames()
+    got = [f for start in range(0, len(stream), cut) for f in frames.feed(stream[start : start + cut])]
+    assert got == [(1, b""), (2, b"ab"), (3, b"x" * 9)]

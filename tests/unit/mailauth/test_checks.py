@@ -23,7 +23,7 @@ import pytest
 from gannet.clock import FakeClock
 from gannet.config import DmarcMode
 from gannet.delivery.dns import Resolver
-from gannet.mailauth.checks import SPF_CACHE_SECONDS, InboundChecks
+from gannet.mailauth.checks import INLINE_VERIFY_LIMIT, SPF_CACHE_SECONDS, InboundChecks
 from gannet.queue.model import InlineBody
 
 HOST = "mx.example.test"
@@ -136,3 +136,25 @@ async def test_a_key_lookup_that_fails_is_asked_again(
     backend.queries.clear()
     assert await check(checks, signed[0]) == "spf=pass dkim=pass dmarc=pass arc=none"
     assert backend.queries == [("s1._domainkey.sender.test", "TXT")]
+
+
+async def test_verdict_now_answers_only_what_needs_no_wait_and_as_finish_does(
+    world: tuple[InboundChecks, CountingBackend, FakeClock], signed: tuple[bytes, str]
+) -> None:
+    """`verdict_now` (the checker child's path with no task) gives None while a record is not
+    cached, and once all are, `finish`'s verdict, for a message that passes and one that fails."""
+    checks, backend, _ = world
+    spf = await checks.start_spf("192.0.2.1", "bob@sender.test", "client.sender.test")
+    args = {"sender": "bob@sender.test", "helo": "client.sender.test"}
+    assert checks.verdict_now(spf, signed[0], DmarcMode.ENFORCE, **args) is None
+    assert backend.queries == [("sender.test", "TXT")]  # looked for in the cache only
+    altered = signed[0].replace(b"Hello.", b"Bye.")
+    for message in (signed[0], altered):
+        waited = await checks.finish(spf, InlineBody(message), DmarcMode.ENFORCE, **args)
+        now = checks.verdict_now(spf, message, DmarcMode.ENFORCE, **args)
+        assert now == waited
+    assert now is not None and now.summary == "spf=pass dkim=fail dmarc=pass arc=none"
+    large = signed[0] + b"x" * INLINE_VERIFY_LIMIT  # verified in an executor: not now
+    assert checks.verdict_now(spf, large, DmarcMode.ENFORCE, **args) is None
+    mode_off = checks.verdict_now(spf, signed[0], DmarcMode.OFF, **args)
+    assert mode_off is not None and mode_off.summary == "spf=pass dkim=pass arc=none"
