@@ -34,6 +34,8 @@ from gannet.policy.accounts import AccountsError, AccountsFile
 from gannet.policy.recipients import RecipientTable
 from gannet.queue.configured import Opener, make_store
 from gannet.queue.model import QueueError
+from gannet.queue.sqlite import SqliteStore
+from gannet.queue.sqlite_enqueue_process import EnqueueProcess
 from gannet.queue.store import QueueStore
 from gannet.server.auth import PasswordVerifier
 from gannet.server.listener import Listeners
@@ -108,7 +110,7 @@ class Server:
         tls = server_context(config.tls, config.file)
         delivery = DeliveryWorker(config, self.log_format)
         self.delivery = delivery
-        enqueuer = getattr(store, "enqueue_process", None)  # SqliteStore's writer process
+        enqueuer = _writer_process(store)
         if enqueuer is not None:  # it gave local mail back: the delivery loop takes it
             enqueuer.on_released = delivery.wake
         services = Services(
@@ -219,7 +221,7 @@ class Server:
         if {"mailboxes", "delivery", "queue", "hostname"} & set(changed):
             self.delivery.config = new
             self._restart = asyncio.get_running_loop().create_task(self.delivery.restart(SHUTDOWN_GRACE))
-        enqueuer = getattr(self.store, "enqueue_process", None)
+        enqueuer = _writer_process(self.store)
         local_delivery = _local_delivery(new, self.log_format)
         if enqueuer is not None and enqueuer.local_delivery != local_delivery:
             # A Maildir template, the lease, on or off. Awaited here, so that a
@@ -388,3 +390,8 @@ def _changed_sections(old: Config, new: Config) -> list[str]:
         "smtp",
     ]
     return [n for n in names if getattr(old, n) != getattr(new, n)]
+
+
+def _writer_process(store: QueueStore) -> EnqueueProcess | None:
+    """The SQLite store's enqueue writer process, when it runs one (a PostgreSQL store has none)."""
+    return store.enqueue_process if isinstance(store, SqliteStore) else None
