@@ -17,14 +17,17 @@ built from the same settings, with its own resolver and DNS cache. It is
 started at the first message, and exits when the socket closes: when the
 server closes it, exits, or is killed.
 
-Both ends are `asyncio.Protocol`s, not streams, and batch: the requests
-sessions make in one turn of the server's loop go out in one write, and the
-child checks every request a read brings, answering them in one write; a
-request whose records are cached is checked with no task (`verdict_now`).
-Against streams, one write each way and a task per message, this took ~0.06
-ms a message off the checks' cost, split evenly between the server and the
-child (`bench/accept.py --mailauth`, 10 and 50 sessions, reused connections:
-the server +0.06 → +0.05, the child 0.33 → 0.29 ms a message).
+Both ends are `asyncio.Protocol`s, not streams. The requests sessions make
+in one turn of the server's loop go out in one write; the child checks a
+request whose records are cached with no task (`verdict_now`) and answers
+each as soon as it is checked. Against streams, one write per request and a
+task per message, this took ~0.06 ms of CPU a message off the checks' cost,
+split between the server and the child. Answering a read's requests in one
+write too would save the child ~0.02 ms more, but it was 5 to 8 % slower: the
+group commit releases sessions in waves, a wave's messages reach the child
+together, and the first checked waited for the last (`bench/accept.py
+--mailauth`, 10 and 50 sessions, reused connections; bench/README.md,
+"Session 17").
 
 Never loses or delays mail for its own sake. The checks run in the server,
 as without a child, while the child starts, after it died (until it is
@@ -112,9 +115,8 @@ class _Channel(asyncio.Protocol):
     """The server's end of one child: requests out, verdicts back by id.
 
     The requests that sessions make in one turn of the event loop go out in one write
-    (at 50 sessions several end their DATA in the same turn), and the child answers
-    what one read brought in one write: a system call and a wake-up of the other
-    process each, instead of one per message each way."""
+    (at 50 sessions several end their DATA in the same turn): one system call and one
+    wake-up of the child, instead of one per message."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         loop = asyncio.get_running_loop()
@@ -393,7 +395,7 @@ def from_config(config: Config, clock: Clock | None = None) -> InboundChecks | N
 
 
 class _Answers(asyncio.Protocol):
-    """The child's end: checks each request a read brings and answers them all in one write.
+    """The child's end: checks each request a read brings and answers it at once.
     A request whose checks must wait (a DNS lookup, a large message's verification in an
     executor) is answered by a task of its own when they are done."""
 
@@ -409,13 +411,12 @@ class _Answers(asyncio.Protocol):
         self._transport.write(FRAME.pack(READY_ID, 0))
 
     def data_received(self, data: bytes) -> None:
-        replies = []
         try:
             for rid, payload in self._frames.feed(data):
                 a = _asked(payload)
                 verdict = self.checks.verdict_now(a.spf, a.data, a.mode, sender=a.sender, helo=a.helo)
                 if verdict is not None:
-                    replies.append(_frame(rid, _reply(verdict)))
+                    self._send(rid, verdict)  # now, not with the rest: its session waits for it
                     continue
                 task = asyncio.get_running_loop().create_task(self._answer(rid, a))
                 self._waiting.add(task)
@@ -423,11 +424,12 @@ class _Answers(asyncio.Protocol):
         except Exception:  # a request that does not decode: end, and the server checks in itself
             log.exception("mailauth: unreadable request from the server; exiting")
             self.close()
-        if replies and self._transport is not None:
-            self._transport.writelines(replies)
 
     async def _answer(self, rid: int, a: _Asked) -> None:
         verdict = await self.checks.finish(a.spf, InlineBody(a.data), a.mode, sender=a.sender, helo=a.helo)
+        self._send(rid, verdict)
+
+    def _send(self, rid: int, verdict: Verdict) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(_frame(rid, _reply(verdict)))
 

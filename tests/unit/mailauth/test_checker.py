@@ -186,7 +186,7 @@ async def test_requests_made_together_are_each_answered_with_their_own_verdict(
     checks: ProcessChecks, signed: tuple[bytes, str]
 ) -> None:
     """Forty sessions ending their DATA in the same turn of the loop: their requests go out
-    in one write and come back batched; each message gets its own verdict."""
+    in one write, and the child reads several at once; each message gets its own verdict."""
     message = signed[0]
     altered = message.replace(b"Hello.", b"Hello!")
     await _child_running(checks, message)
