@@ -108,7 +108,7 @@ class _Needs:
     dkim_names: list[str]  # the key records to fetch (none for a message too large to verify)
     arc_names: list[str]
     known: dict[str, TxtAnswer] = field(default_factory=dict)
-    # Per From domain (when `dmarc`): its policy discovery, or the name to look up next.
+    # Per From domain (when `with_dmarc`): its policy discovery, or the name to look up next.
     steps: list[dmarc.Discovery | str] = field(default_factory=list)
     missing: bool = False  # some answer is not cached: `_fetch` it
 
