@@ -36,7 +36,7 @@ working on when it died or left unanswered for ANSWER_TIMEOUT (it is then
 killed as wedged), and for a body that is not in memory (spooled to a
 file: over the spool's inline limit).
 
-Frames: request id and length (`struct` "!II"), then a pickle of a tuple of
+Frames (gannet/util/frames.py): a pickle of the request id and a tuple of
 plain values (`_request`, `_reply`): a slots dataclass pickles through Python
 functions, five times slower. Pickle is safe here because both ends are Gannet
 processes on a private socketpair; the network's bytes travel inside it as
@@ -54,7 +54,6 @@ import os
 import pickle
 import signal
 import socket
-import struct
 import sys
 import time
 from typing import Any, NamedTuple, cast
@@ -67,10 +66,10 @@ from gannet.mailauth import spf as spf_mod
 from gannet.mailauth.checks import InboundChecks, SpfSource, Verdict
 from gannet.queue.model import Body, InlineBody
 from gannet.smtp.replies import Reply
+from gannet.util import frames
 
 log = logging.getLogger("gannet.mailauth")
 
-FRAME = struct.Struct("!II")  # request id, length of the pickle that follows
 READY_ID = 0  # the child's first frame: its checks are built (the Public Suffix List is loaded)
 START_TIMEOUT = 30.0
 RESTART_SECONDS = 10.0
@@ -83,32 +82,13 @@ class CheckerLost(Exception):
     """The child went away before it answered."""
 
 
-class _Frames:
-    """Frames out of a byte stream, however the stream was cut into reads."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """(request id, payload) of every frame `data` completes, in order."""
-        buffer = self._buffer
-        buffer += data
-        frames = []
-        start = 0
-        while len(buffer) - start >= FRAME.size:
-            rid, size = FRAME.unpack_from(buffer, start)
-            end = start + FRAME.size + size
-            if len(buffer) < end:
-                break
-            frames.append((rid, bytes(buffer[start + FRAME.size : end])))
-            start = end
-        del buffer[:start]
-        return frames
-
-
 def _frame(rid: int, fields: tuple[Any, ...]) -> bytes:
-    data = pickle.dumps(fields, protocol=pickle.HIGHEST_PROTOCOL)
-    return FRAME.pack(rid, len(data)) + data
+    return frames.frame(pickle.dumps((rid, fields), protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _frame_buffer() -> frames.FrameBuffer[tuple[int, Any]]:
+    """(request id, fields) of each whole frame."""
+    return frames.FrameBuffer(pickle.loads)
 
 
 class _Channel(asyncio.Protocol):
@@ -127,7 +107,7 @@ class _Channel(asyncio.Protocol):
         self.pending: dict[int, tuple[asyncio.Future[Verdict], float]] = {}
         self.alive = True
         self._transport: asyncio.Transport | None = None
-        self._frames = _Frames()
+        self._frames = _frame_buffer()
         self._outgoing: list[bytes] = []
         self._next_id = READY_ID
 
@@ -158,11 +138,11 @@ class _Channel(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Each verdict to the request that asked for it."""
         try:
-            for rid, payload in self._frames.feed(data):
+            for rid, fields in self._frames.feed(data):
                 if rid == READY_ID:
                     self.ready.set_result(None)
                     continue
-                verdict = _verdict(pickle.loads(payload))
+                verdict = _verdict(fields)
                 entry = self.pending.get(rid)
                 if entry is not None and not entry[0].done():
                     entry[0].set_result(verdict)
@@ -360,8 +340,8 @@ class _Asked(NamedTuple):
     helo: str
 
 
-def _asked(payload: bytes) -> _Asked:
-    result, identity, domain, explanation, data, mode, sender, helo = pickle.loads(payload)
+def _asked(fields: tuple[Any, ...]) -> _Asked:
+    result, identity, domain, explanation, data, mode, sender, helo = fields
     spf = spf_mod.SpfOutcome(spf_mod.SpfResult(result), identity, domain, explanation)
     return _Asked(spf, data, DmarcMode(mode), sender, helo)
 
@@ -403,17 +383,17 @@ class _Answers(asyncio.Protocol):
         self.checks = checks
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._transport: asyncio.Transport | None = None
-        self._frames = _Frames()
+        self._frames = _frame_buffer()
         self._waiting: set[asyncio.Task[None]] = set()  # a reference until done (the loop keeps weak ones)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        self._transport.write(FRAME.pack(READY_ID, 0))
+        self._transport.write(_frame(READY_ID, ()))
 
     def data_received(self, data: bytes) -> None:
         try:
-            for rid, payload in self._frames.feed(data):
-                a = _asked(payload)
+            for rid, fields in self._frames.feed(data):
+                a = _asked(fields)
                 verdict = self.checks.verdict_now(a.spf, a.data, a.mode, sender=a.sender, helo=a.helo)
                 if verdict is not None:
                     self._send(rid, verdict)  # now, not with the rest: its session waits for it

@@ -12,7 +12,7 @@ event loop less than pickling the dataclasses (session 9 measured pickle's cost
 eating the whole gain on reused connections). Never decode a frame from anyone
 but our own child: marshal is not safe against crafted input.
 
-Frames: a 4-byte big-endian length, then marshal.dumps(value).
+Frames (gannet/util/frames.py): a 4-byte big-endian length, then marshal.dumps(value).
   server → writer  (number, message tuple)            one per enqueue
   writer → server  READY                               once, when the database is open
                    (answers, commits, stats, taken, released)
@@ -22,14 +22,13 @@ Frames: a 4-byte big-endian length, then marshal.dumps(value).
 from __future__ import annotations
 
 import marshal
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, QueueError, SpooledBody, Transport
+from gannet.util import frames
 
-HEADER = struct.Struct("!I")
 READY = "ready"
 
 # (request number, None on success, or (is a ValueError, the error's text))
@@ -50,8 +49,7 @@ STAT_FIELDS = (
 
 
 def frame(value: Any) -> bytes:
-    data = marshal.dumps(value)
-    return HEADER.pack(len(data)) + data
+    return frames.frame(marshal.dumps(value))
 
 
 def request(number: int, message: NewMessage) -> bytes:
@@ -133,28 +131,8 @@ class Reply:
         return cls(answers, commits, tuple(stats), taken, released)
 
 
-class FrameBuffer:
-    """Bytes in, whole frames' decoded values out (a frame may arrive in pieces)."""
+class FrameBuffer(frames.FrameBuffer[Any]):
+    """Bytes in, whole frames' marshal'd values out (gannet/util/frames.py)."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[Any]:
-        buf = self._buf
-        buf += data
-        values = []
-        start = 0
-        while len(buf) - start >= HEADER.size:
-            (size,) = HEADER.unpack_from(buf, start)
-            end = start + HEADER.size + size
-            if len(buf) < end:
-                break
-            values.append(marshal.loads(buf[start + HEADER.size : end]))
-            start = end
-        del buf[:start]
-        return values
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an unfinished frame."""
-        return len(self._buf)
+        super().__init__(marshal.loads)

@@ -28,6 +28,7 @@ from gannet.mailauth import checker
 from gannet.mailauth.checker import ProcessChecks
 from gannet.mailauth.checks import InboundChecks, Verdict
 from gannet.queue.model import Body, InlineBody, SpooledBody
+from gannet.util import frames
 
 HOST = "mx.example.test"
 SENDER = "bob@sender.test"
@@ -156,7 +157,7 @@ async def test_an_answer_that_does_not_decode_kills_the_child_and_fails_its_requ
     _, channel = await loop.create_unix_connection(lambda: checker._Channel(proc), sock=ours)
     asking = asyncio.ensure_future(channel.ask(("anything",)))
     await asyncio.sleep(0.05)
-    theirs.sendall(checker.FRAME.pack(1, 5) + b"junk!")
+    theirs.sendall(frames.frame(b"junk!"))  # not a pickle
     with pytest.raises(checker.CheckerLost):
         await asyncio.wait_for(asking, 10)
     await asyncio.wait_for(channel.lost, 10)
@@ -175,8 +176,8 @@ async def test_a_request_that_does_not_decode_ends_the_childs_end(
     here = InboundChecks(Resolver([nameserver]), HOST)
     loop = asyncio.get_running_loop()
     _, answers = await loop.create_unix_connection(lambda: checker._Answers(here), sock=ours)
-    assert theirs.recv(64) == checker.FRAME.pack(checker.READY_ID, 0)
-    theirs.sendall(checker.FRAME.pack(1, 5) + b"junk!")
+    assert theirs.recv(64) == checker._frame(checker.READY_ID, ())
+    theirs.sendall(frames.frame(b"junk!"))  # not a pickle
     await asyncio.wait_for(answers.lost, 10)
     assert "unreadable request from the server" in caplog.text
     theirs.close()
@@ -197,11 +198,3 @@ async def test_requests_made_together_are_each_answered_with_their_own_verdict(
     assert checks.in_child == before + 40
     for body, verdict in zip(bodies, verdicts, strict=True):
         assert (verdict.reject is None) == (body is message)
-
-
-@pytest.mark.parametrize("cut", range(1, 30))
-def test_frames_come_out_whole_however_the_stream_is_cut(cut: int) -> None:
-    stream = b"".join(checker.FRAME.pack(n, len(p)) + p for n, p in enumerate([b"", b"ab", b"x" * 9], 1))
-    frames = checker._Frames()
-    got = [f for start in range(0, len(stream), cut) for f in frames.feed(stream[start : start + cut])]
-    assert got == [(1, b""), (2, b"ab"), (3, b"x" * 9)]
