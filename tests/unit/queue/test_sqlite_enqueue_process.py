@@ -141,8 +141,10 @@ async def test_a_sigkilled_child_loses_and_doubles_nothing(quick_restarts: None,
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     sent: list[NewMessage] = []
+    pid = None
     for round_ in range(4):
-        await until(lambda: enqueuer.ready, "the restarted child")
+        # A new child: the killed one's socket may be read after it was reaped.
+        await until(lambda: enqueuer.ready and enqueuer.pid != pid, "the restarted child")  # noqa: B023
         pid = enqueuer.pid
         assert pid is not None
         batch = [message() if i % 5 else spooled(pstore.spool_dir) for i in range(150)]
