@@ -97,6 +97,7 @@ def gannet(tmp_path: Path, tls_certs: peers.TlsCerts) -> Iterator[Callable[..., 
             proc.start()
         return proc
 
+    make.started = started  # type: ignore[attr-defined]  # for pytest_runtest_makereport
     yield make
     for proc in started:
         if proc.running:
@@ -104,6 +105,24 @@ def gannet(tmp_path: Path, tls_certs: peers.TlsCerts) -> Iterator[Callable[..., 
                 proc.stop()
             except peers.PeerError as exc:  # killed after SIGTERM failed: say so, keep the test's result
                 warnings.warn(str(exc), stacklevel=1)
+
+
+LOG_TAIL_LINES = 200
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that started Gannet shows the tail of each server's log
+    with its failure: the work directory is gone once pytest rotates its
+    temporary directories, and a failure seen once in a full run (under load)
+    must still be readable."""
+    if call.when == "call" and call.excinfo is not None:
+        make = getattr(item, "funcargs", {}).get("gannet")
+        for proc in getattr(make, "started", ()):
+            tail = proc.log_text().splitlines()[-LOG_TAIL_LINES:]
+            title = f"{proc.workdir.name}/gannet.log (last {len(tail)} lines)"
+            item.add_report_section("call", title, "\n".join(tail))
+    yield
 
 
 def _peer_factory(

@@ -8,6 +8,7 @@ no wait here may sleep blindly or wait without a deadline.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import shutil
@@ -93,11 +94,22 @@ def need(program: str) -> str:
 # --------------------------------------------------------------------------- sockets
 
 
+# The ports free_port handed out lately: the kernel may offer a port again as
+# soon as its probe socket is closed, and one config asks for several at once
+# (a suite run once got the same port for two listeners).
+_RECENT_PORTS: collections.deque[tuple[str, int]] = collections.deque(maxlen=256)
+
+
 def free_port(host: str = GANNET_HOST) -> int:
-    """A TCP port that is free on ``host`` right now (bind to port 0, read it, close)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that is free on ``host`` right now (bind to port 0, read it,
+    close), and not one handed out lately."""
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if (host, port) not in _RECENT_PORTS:
+            _RECENT_PORTS.append((host, port))
+            return port
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
