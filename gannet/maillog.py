@@ -71,13 +71,18 @@ def _clean(value: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _emit(queue_id: str, fields: dict[str, object], tail: str = "", *, event: str = "") -> None:
+def _emit(
+    queue_id: str, fields: dict[str, object], tail: str = "", *, event: str = "", word: str = ""
+) -> None:
+    """One line: the queue ID, the fields, a bare `word` (Postfix's "removed"),
+    then the `tail` in parentheses."""
     if _sink is None and not log.isEnabledFor(logging.INFO):
         return
-    body = ", ".join(f"{k}={_clean(v)}" for k, v in fields.items() if v not in (None, ""))
-    line = f"{queue_id}: {body}" if queue_id else body
+    parts = [", ".join(f"{k}={_clean(v)}" for k, v in fields.items() if v not in (None, "")), word]
     if tail:
-        line += f" ({_clean(tail, 500)})"
+        parts.append(f"({_clean(tail, 500)})")
+    text = " ".join(part for part in parts if part)
+    line = f"{queue_id}: {text}" if queue_id else text
     if _sink is not None:
         _sink(line)
     elif _structured:
@@ -214,8 +219,8 @@ def bounced(
     )
 
 
-def removed(queue_id: str, reason: str = "removed") -> None:
-    _emit(queue_id, {}, reason, event="removed")
+def removed(queue_id: str) -> None:
+    _emit(queue_id, {}, event="removed", word="removed")
 
 
 class JsonFormatter(logging.Formatter):
