@@ -69,9 +69,17 @@ def gannet_base_config(workdir: Path, tls: peers.TlsCerts) -> dict[str, Any]:
     }
 
 
+# The servers the `gannet` fixture started, by test item: a failure shows their logs.
+STARTED_GANNETS = pytest.StashKey[list[peers.GannetProcess]]()
+LOG_TAIL_LINES = 200
+
+
 @pytest.fixture
-def gannet(tmp_path: Path, tls_certs: peers.TlsCerts) -> Iterator[Callable[..., peers.GannetProcess]]:
+def gannet(
+    request: pytest.FixtureRequest, tmp_path: Path, tls_certs: peers.TlsCerts
+) -> Iterator[Callable[..., peers.GannetProcess]]:
     started: list[peers.GannetProcess] = []
+    request.node.stash[STARTED_GANNETS] = started  # for pytest_runtest_makereport
     counter = itertools.count(1)
 
     def make(
@@ -97,7 +105,6 @@ def gannet(tmp_path: Path, tls_certs: peers.TlsCerts) -> Iterator[Callable[..., 
             proc.start()
         return proc
 
-    make.started = started  # type: ignore[attr-defined]  # for pytest_runtest_makereport
     yield make
     for proc in started:
         if proc.running:
@@ -107,7 +114,6 @@ def gannet(tmp_path: Path, tls_certs: peers.TlsCerts) -> Iterator[Callable[..., 
                 warnings.warn(str(exc), stacklevel=1)
 
 
-LOG_TAIL_LINES = 200
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -117,8 +123,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     temporary directories, and a failure seen once in a full run (under load)
     must still be readable."""
     if call.when == "call" and call.excinfo is not None:
-        make = getattr(item, "funcargs", {}).get("gannet")
-        for proc in getattr(make, "started", ()):
+        for proc in item.stash.get(STARTED_GANNETS, []):
             tail = proc.log_text().splitlines()[-LOG_TAIL_LINES:]
             title = f"{proc.workdir.name}/gannet.log (last {len(tail)} lines)"
             item.add_report_section("call", title, "\n".join(tail))
