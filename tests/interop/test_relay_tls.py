@@ -46,7 +46,10 @@ def test_outbound_starttls(policy: str, mx_name: str, delivered: bool, tls_certs
     relay.send("bob@b.test")
     if delivered:
         peers.wait_for(lambda: receiver.delivered("bob@b.test") or None, 30, "delivery to the receiver")
-        (line,) = [ln for ln in relay.log_lines("to=<bob@b.test>") if "status=sent" in ln]
+        # The receiver writes its Maildir file before its 250 (local_direct): the
+        # relay's line may come a moment after the file.
+        (line,) = peers.wait_for(lambda: [ln for ln in relay.log_lines("to=<bob@b.test>")
+                                          if "status=sent" in ln], 30, "the relay's sent line")
         assert "tls=TLSv1." in line, line
         received = peers.read_headers(receiver.delivered("bob@b.test")[0]).get_all("Received")[0]
         assert "ESMTPS" in str(received), received
