@@ -78,11 +78,12 @@ def _emit(
     then the `tail` in parentheses."""
     if _sink is None and not log.isEnabledFor(logging.INFO):
         return
-    parts = [", ".join(f"{k}={_clean(v)}" for k, v in fields.items() if v not in (None, "")), word]
+    body = ", ".join(f"{k}={_clean(v)}" for k, v in fields.items() if v not in (None, ""))
+    if word:
+        body = f"{body} {word}" if body else word
+    line = f"{queue_id}: {body}" if queue_id else body
     if tail:
-        parts.append(f"({_clean(tail, 500)})")
-    text = " ".join(part for part in parts if part)
-    line = f"{queue_id}: {text}" if queue_id else text
+        line += f" ({_clean(tail, 500)})"
     if _sink is not None:
         _sink(line)
     elif _structured:

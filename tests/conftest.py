@@ -114,8 +114,6 @@ def gannet(
                 warnings.warn(str(exc), stacklevel=1)
 
 
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """A failed test that started Gannet shows the tail of each server's log

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 from gannet import maillog
 
 
-def lines(emit: object) -> list[str]:
+def lines(emit: Callable[[], None]) -> list[str]:
     stream = io.StringIO()
     maillog.configure(fast_stream=stream)
     try:
-        emit()  # type: ignore[operator]
+        emit()
     finally:
         maillog.configure()
     return [line.split(": ", 1)[1] for line in stream.getvalue().splitlines()]  # past "TIME gannet[PID]"
