@@ -106,6 +106,21 @@ def _signatures(headers: Sequence[Sequence[bytes]], names: Sequence[bytes]) -> l
 # matches, and a run of value characters is taken whole. dkimpy's form costs ~0.1 ms a signature.
 B_TAG = re.compile(rb"([;\s]b\s*+=)(?:\s*+[a-zA-Z0-9+/=]++)*+(?:\r?\n\Z)?")
 
+
+def without_b(value: bytes) -> bytes:
+    """A signature field's value with its b= value emptied: `B_TAG.sub(rb"\\1", value)`, without
+    the Python-level template expansion `re.sub` runs for a group reference (~4 µs a call)."""
+    out: list[bytes] = []
+    pos = 0
+    for m in B_TAG.finditer(value):
+        out += (value[pos : m.start()], m[1])
+        pos = m.end()
+    if not out:
+        return value
+    out.append(value[pos:])
+    return b"".join(out)
+
+
 # A field name as dkimpy's parser takes it (RFC 5322 §3.6.8 ftext: printable, no colon)
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 
@@ -297,11 +312,12 @@ class _Message:
     body: bytes
 
 
-def _split(message: bytes, head: ParsedHead | None) -> _Message:
+def _split(message: bytes, head: ParsedHead | None, crlf: bool) -> _Message:
     """dkimpy's `rfc822_parse`, for a CRLF message (all Gannet receives) only over the header
     section (it splits the whole message into lines with a regular expression), and not even
-    that when the caller parsed it already (`head`). dkim.MessageFormatError if it cannot."""
-    if message.count(b"\n") != message.count(b"\r\n"):
+    that when the caller parsed it already (`head`). `crlf`: the caller vouches that every LF
+    in `message` ends a CRLF, so it is not counted here. dkim.MessageFormatError if it cannot."""
+    if not crlf and message.count(b"\n") != message.count(b"\r\n"):
         headers, body = dkim.rfc822_parse(message)
     elif message.startswith(b"\r\n"):
         headers, body = [], message[2:]
@@ -314,10 +330,10 @@ def _split(message: bytes, head: ParsedHead | None) -> _Message:
     return _Message(headers, [h[0].lower() for h in headers], body)
 
 
-Field = tuple[bytes, bytes]
+Field = Sequence[bytes]  # a [name, value] pair, as dkimpy splits a header section
 
 
-def _select(fields: list[Field], names: list[bytes], wanted: list[bytes]) -> list[Field]:
+def _select(fields: Sequence[Field], names: list[bytes], wanted: list[bytes]) -> list[Field]:
     """The fields to hash, in h= order (`wanted`; `names`: each field's lowercased name). RFC 6376
     §5.4.2: a name listed n times means its last n instances, bottom up; a name listed more often
     than it occurs (oversigning) selects nothing more."""
@@ -356,17 +372,13 @@ def _verify_signature(
     if b"from" in include_headers:  # dkimpy's guard against a second From (bug 644046)
         include_headers.append(b"from")
     canonicalize = _relaxed_headers if policy.header_algorithm is Relaxed else policy.canonicalize_headers
-    wanted = set(include_headers)  # canonicalize only the fields that are hashed (dkimpy does all)
-    picked = [i for i, name in enumerate(message.names) if name in wanted]
-    signed = canonicalize([message.headers[i] for i in picked])
-    # dkim.hash_headers: the selected fields, then the signature field with b= emptied, no CRLF
+    # dkim.hash_headers: the selected fields, then the signature field with b= emptied, no CRLF.
+    # Canonicalization is per field, so only the selected ones are canonicalized (dkimpy does all).
     signatures = [h for h, n in zip(message.headers, message.names, strict=True) if n == b"dkim-signature"]
     name, value = signatures[idx]
-    h = hasher()
-    for x, y in _select(signed, [message.names[i] for i in picked], include_headers):
-        h.update(x + b":" + y)
-    for x, y in canonicalize([(name, B_TAG.sub(b"\\1", value))]):
-        h.update(x + b":" + y.rstrip())
+    signed = canonicalize(_select(message.headers, message.names, include_headers))
+    ((c_name, c_value),) = canonicalize([(name, without_b(value))])
+    h = hasher(b"".join([x + b":" + y for x, y in signed]) + c_name + b":" + c_value.rstrip())
     signature = base64.b64decode(b"".join(sig[b"b"].split()))
     try:
         if isinstance(key.key, rsa.RSAPublicKey):
@@ -379,13 +391,21 @@ def _verify_signature(
 
 
 def verify(
-    message: bytes, keys: Mapping[str, TxtAnswer], *, now: float | None = None, head: ParsedHead | None = None
+    message: bytes,
+    keys: Mapping[str, TxtAnswer],
+    *,
+    now: float | None = None,
+    head: ParsedHead | None = None,
+    crlf: bool = False,
 ) -> list[DkimOutcome]:
     """One outcome per DKIM-Signature (top first); [] when the message has none.
-    `head`: the message's header section as `parse_head` read it, so it is not parsed again."""
+    `head`: the message's header section as `parse_head` read it, so it is not parsed again.
+    `crlf`: every line of `message` ends in CRLF, as in all mail an SMTP session hands on
+    (its DATA and BDAT readers refuse or normalize a bare CR or LF, RFC 5321 §2.3.8): the
+    ~10 µs of counting line ends in 4 KiB is skipped. Anything else must leave it False."""
     now = time.time() if now is None else now
     try:
-        split = _split(message, head)
+        split = _split(message, head, crlf)
     except dkim.DKIMException as exc:
         return [DkimOutcome("permerror", reason=f"message cannot be parsed: {exc}")]
     if head is not None and split.headers is head.headers:

@@ -59,7 +59,7 @@ import dkim
 from dkim.canonicalization import CanonicalizationPolicy
 
 from gannet.config import Config
-from gannet.mailauth.dkim_verify import B_TAG
+from gannet.mailauth.dkim_verify import without_b
 from gannet.mailauth.keys import KeyAlgorithm, SigningKey, load_keys, pem_pkcs8
 
 log = logging.getLogger("gannet.mailauth")
@@ -100,7 +100,7 @@ def signed_field(
     `DomainSigner.gen_header`, so its verifier and ours agree byte for byte.
     """
     value = dkim.fold(_fields_text(fields), namelen=len(name), linesep=_CRLF)
-    value = B_TAG.sub(b"\\1", value)
+    value = without_b(value)
     hasher = dkim.HASH_ALGORITHMS[key.algorithm.signature_algorithm]()
     dkim.hash_headers(
         hasher, _RELAXED, _RELAXED.canonicalize_headers(list(headers)), include_headers,
