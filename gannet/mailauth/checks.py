@@ -283,7 +283,7 @@ class InboundChecks:
         known = needs.known
         head = needs.head
         dkim_keys = {n: known[n] for n in needs.dkim_names}
-        # crlf: a session's DATA and BDAT readers let no bare CR or LF through (see the docstring)
+        # crlf=True: a session's mail has no bare CR or LF (the module docstring)
         dkim_out = dkim_verify.verify(data, dkim_keys, head=head, crlf=True) if head.signatures else []
         if not needs.arc_names:
             return dkim_out, arc_verify.ArcOutcome("none")

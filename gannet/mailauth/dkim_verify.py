@@ -378,13 +378,14 @@ def _verify_signature(
     name, value = signatures[idx]
     signed = canonicalize(_select(message.headers, message.names, include_headers))
     ((c_name, c_value),) = canonicalize([(name, without_b(value))])
-    h = hasher(b"".join([x + b":" + y for x, y in signed]) + c_name + b":" + c_value.rstrip())
+    hashed = b"".join([x + b":" + y for x, y in signed]) + c_name + b":" + c_value.rstrip()
+    digest = _digest(hasher, hashed)  # a long header section keeps the GIL too (see `_digest`)
     signature = base64.b64decode(b"".join(sig[b"b"].split()))
     try:
         if isinstance(key.key, rsa.RSAPublicKey):
-            key.key.verify(signature, h.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+            key.key.verify(signature, digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
         else:
-            key.key.verify(signature, h.digest())  # RFC 8463 §3: Ed25519 over the SHA-256 hash
+            key.key.verify(signature, digest)  # RFC 8463 §3: Ed25519 over the SHA-256 hash
     except InvalidSignature:
         return False
     return True
