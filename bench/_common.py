@@ -123,12 +123,27 @@ def gannet_config(work: Path, *, smtp: dict[str, Any] | None = None, relay: dict
     return peers.to_toml(config)
 
 
+# The checkout a benchmark's Gannet runs from: this one unless bench/ab.py set another.
+_tree: Path | None = None
+
+
+def use_tree(tree: Path | None) -> None:
+    """Run the Gannets started from now on from the checkout at `tree` (None: this one)."""
+    global _tree
+    _tree = tree
+
+
+def gannet_env() -> dict[str, str] | None:
+    """The environment that makes a Gannet process import `use_tree`'s checkout, if one is set."""
+    return {"PYTHONPATH": str(_tree)} if _tree is not None else None
+
+
 def start_gannet(work: Path, *, smtp: dict[str, Any] | None = None, nofile: int | None = None,
                  relay: dict[str, Any] | None = None, delivery: dict[str, Any] | None = None,
                  queue_url: str | None = None) -> peers.GannetProcess:
     """A fresh Gannet in ``work/gannet`` with the account alice@example.test."""
     config = gannet_config(work / "gannet", smtp=smtp, relay=relay, delivery=delivery, queue_url=queue_url)
-    g = peers.GannetProcess(work / "gannet", config, start=False, nofile=nofile)
+    g = peers.GannetProcess(work / "gannet", config, start=False, nofile=nofile, env=gannet_env())
     g.cli("users", "add", BENCH_USER, "--password-stdin", input=BENCH_PASSWORD + "\n")
     g.start()
     return g

@@ -88,7 +88,7 @@ def _gannet(work: Path, dns: peers.DnsServer, checks: bool) -> peers.GannetProce
     )
     doc["dns"] = {"nameservers": [dns.nameserver]}
     doc["mailauth"] = {"checks": checks, "dmarc": "enforce"}
-    g = peers.GannetProcess(work / "gannet", peers.to_toml(doc), start=False)
+    g = peers.GannetProcess(work / "gannet", peers.to_toml(doc), start=False, env=_common.gannet_env())
     g.cli("users", "add", _common.BENCH_USER, "--password-stdin", input=_common.BENCH_PASSWORD + "\n")
     g.start()
     return g
@@ -128,7 +128,7 @@ class Figure(NamedTuple):
     by_process: dict[str, float]
 
 
-def _run(
+def run_once(
     dns: peers.DnsServer,
     message: Path,
     checks: bool,
@@ -208,7 +208,7 @@ def main(
                             file=sys.stderr,
                             flush=True,
                         )
-                        figure = _run(dns, message, checks, n, style, messages, keep, profile)
+                        figure = run_once(dns, message, checks, n, style, messages, keep, profile)
                         figures[checks].append(figure)
                         print(
                             f"  {figure.rate:,.0f} msgs/s, {figure.cpu:.2f} ms CPU/msg",

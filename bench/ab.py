@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Is a change faster? Two Gannet checkouts under the same smtp-source load, alternating in one run.
+
+    .venv/bin/python bench/ab.py TREE_A TREE_B [--mailauth] [--sessions 10] [--style many]
+                                 [--rounds 4] [--messages 10000]
+
+TREE_A and TREE_B are checkouts of Gannet (e.g. `git worktree add /tmp/a HEAD~1`,
+or `git archive REV | tar -x -C DIR`); each run's Gannet imports its tree's
+`gannet` package, everything else (this harness, smtp-source, the message)
+is the same. Each round runs A then B, the next B then A, so that a drift of
+the host's speed within a round favours neither.
+
+Why this and not two invocations of accept.py: on the shared hosts this
+project is measured on, the same tree's rate moves by a quarter to a half
+within an hour (bench/README.md, "Session 20": checks off, the same tree,
+1,143 to 1,672 msgs/s in four rounds), so one run of each side says little.
+Interleaved rounds in one process, with no settling wait between them, give
+pairs taken minutes apart at most; the summary is each round's B/A and the
+rounds B won.
+
+Plain (default): accept.py's Gannet run (one recipient, 4 KiB, fsync before 250,
+Maildir delivery). `--mailauth`: accept_mailauth's, with the inbound checks on
+for both trees and one run of A with checks off each round, so that each
+tree's on/off (issue 4's figure) is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import _common
+from _common import peers
+
+Runner = Callable[[bool], tuple[float, dict[str, float]]]
+
+
+def _runner(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) -> Runner:
+    """A function running one Gannet (checks on or off) and returning its rate and CPU ms a
+    message by process. For --mailauth, the DNS server it needs stays up until `stack` closes."""
+    if not args.mailauth:
+        import accept
+
+        def plain(_checks: bool) -> tuple[float, dict[str, float]]:
+            run = accept.run_once("gannet", args.sessions, args.style, args.messages, args.size, False)
+            return run.rate, {k: 1000 * v / args.messages for k, v in run.split.items()}
+
+        return plain
+    import accept_mailauth
+
+    message = work / "message.eml"
+    records = accept_mailauth.sender_world(message, args.size)
+    dns = stack.enter_context(peers.DnsServer(work / "dns", records=records, ttl=300))
+
+    def checked(checks: bool) -> tuple[float, dict[str, float]]:
+        figure = accept_mailauth.run_once(
+            dns, message, checks, args.sessions, args.style, args.messages, keep=False, profile=None
+        )
+        return figure.rate, figure.by_process
+
+    return checked
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trees", nargs=2, type=Path, metavar="TREE", help="two Gannet checkouts: A and B")
+    parser.add_argument("--mailauth", action="store_true", help="inbound checks on (and A with them off)")
+    parser.add_argument("--sessions", type=int, default=10, help="smtp-source -s (default 10)")
+    parser.add_argument(
+        "--style",
+        choices=("one", "many"),
+        default="many",
+        help="a connection per message, or all over one (smtp-source -d; the default)",
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of A and B (default 4)")
+    parser.add_argument("--messages", type=int, default=10_000, help="messages per run (default 10000)")
+    parser.add_argument("--size", type=int, default=4096, help="body bytes (default 4096)")
+    args = parser.parse_args()
+    trees = [t.resolve() for t in args.trees]
+    for tree in trees:
+        if not (tree / "gannet" / "__init__.py").exists():
+            parser.error(f"{tree}: not a Gannet checkout (no gannet/__init__.py)")
+    _common.require("smtp-source", *(["dnsmasq"] if args.mailauth else []))
+    peers.raise_nofile(4096)
+    work = _common.workdir("ab")
+    rates: dict[str, list[float]] = {"A": [], "B": [], "A off": []}
+    with contextlib.ExitStack() as stack:
+        run = _runner(args, work, stack)
+        for r in range(args.rounds):
+            sides = [("A", trees[0]), ("B", trees[1])]
+            order = ([("A off", trees[0])] if args.mailauth else []) + (sides if r % 2 == 0 else sides[::-1])
+            for name, tree in order:
+                _common.use_tree(tree)
+                rate, by_process = run(name != "A off")
+                rates[name].append(rate)
+                cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_process.items()))
+                print(
+                    f"round {r + 1} {name}: {rate:,.0f} msgs/s; CPU ms/msg: {cpu}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                time.sleep(1)
+    _common.use_tree(None)
+    _common.remove(work, False)
+    pairs = [b / a for a, b in zip(rates["A"], rates["B"], strict=True)]
+    what = "checks on" if args.mailauth else "plain"
+    print(f"\n{args.messages} messages a run, {args.sessions} sessions, {args.style} per connection, {what}")
+    print(f"A = {trees[0]}\nB = {trees[1]}\n")
+    rows: list[list[object]] = [["A", *rates["A"]], ["B", *rates["B"]], ["B/A", *(f"{p:.2f}" for p in pairs)]]
+    if args.mailauth:
+        rows[2:2] = [
+            ["A on/off", *(f"{a / o:.2f}" for a, o in zip(rates["A"], rates["A off"], strict=True))],
+            ["B on/off", *(f"{b / o:.2f}" for b, o in zip(rates["B"], rates["A off"], strict=True))],
+        ]
+        rows.insert(0, ["A off", *rates["A off"]])
+    print(_common.table(["msgs/s", *(f"round {i + 1}" for i in range(args.rounds))], rows))
+    won = sum(p > 1 for p in pairs)
+    print(f"\nB/A median {statistics.median(pairs):.2f}; B ahead in {won} of {len(pairs)} rounds")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
