@@ -21,7 +21,8 @@ rounds B won.
 Plain (default): accept.py's Gannet run (one recipient, 4 KiB, fsync before 250,
 Maildir delivery). `--mailauth`: accept_mailauth's, with the inbound checks on
 for both trees and one run of A with checks off each round, so that each
-tree's on/off (issue 4's figure) is printed too.
+tree's on/off (issue 4's figure) is printed too: both over A's checks-off
+run, which is right for a change to the checks and nothing else.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def main() -> int:
     work = _common.workdir("ab")
     rates: dict[str, list[float]] = {"A": [], "B": [], "A off": []}
     with contextlib.ExitStack() as stack:
+        stack.callback(_common.use_tree, None)
         run = _runner(args, work, stack)
         for r in range(args.rounds):
             sides = [("A", trees[0]), ("B", trees[1])]
@@ -105,7 +107,6 @@ def main() -> int:
                     flush=True,
                 )
                 time.sleep(1)
-    _common.use_tree(None)
     _common.remove(work, False)
     pairs = [b / a for a, b in zip(rates["A"], rates["B"], strict=True)]
     what = "checks on" if args.mailauth else "plain"
