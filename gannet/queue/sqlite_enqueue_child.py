@@ -164,7 +164,9 @@ class _Local:
         taken, rest = local_direct.deliver(settings.maildir_template, group)
         whole = [w.number for w in taken if w.complete]
         if whole:
-            sock.sendall(wire.Reply(answers=[(n, None) for n in whole], taken=whole).encode())
+            counted = WriterStats(direct_messages=len(whole), direct_groups=1)
+            reply = wire.Reply(answers=[(n, None) for n in whole], taken=whole, stats=_stats(counted))
+            sock.sendall(reply.encode())
         local_direct.log_deliveries(taken)
         if taken and not self._written:
             self._trace_due = time.monotonic() + TRACE_EVERY
@@ -315,7 +317,7 @@ def _transaction(
     reply = wire.Reply(
         answers=answers,
         commits=commits[:],
-        stats=tuple(float(getattr(writer.stats, f)) for f in wire.STAT_FIELDS),
+        stats=_stats(writer.stats),
         taken=taken,
         released=released,
     )
@@ -323,6 +325,11 @@ def _transaction(
     sock.sendall(reply.encode())
     if local is not None:
         local.hand_claims()  # after the answers: the 250s do not wait for the Maildirs
+
+
+def _stats(counted: WriterStats) -> tuple[float, ...]:
+    """`counted` as a reply carries it (wire.STAT_FIELDS), for the server's WriterStats."""
+    return tuple(float(getattr(counted, f)) for f in wire.STAT_FIELDS)
 
 
 def _receive(

@@ -45,6 +45,8 @@ STAT_FIELDS = (
     "unsynced_commits",
     "lock_waits",
     "cpu_seconds",
+    "direct_messages",
+    "direct_groups",
 )
 
 

@@ -74,14 +74,24 @@ class WriterStats:
     unsynced_commits: int = 0  # commits made without fsync (claims only; see Job.durable)
     lock_waits: int = 0  # transactions that waited for another process's writer
     cpu_seconds: float = 0.0  # writer-thread CPU time spent in batches
+    # Messages the enqueue process wrote whole into their Maildirs before its reply, never
+    # queued (delivery/local_direct.py), and the groups it wrote them in: none of the above.
+    direct_messages: int = 0
+    direct_groups: int = 0
 
     def summary(self) -> str:
         """One line for the log at shutdown."""
-        return (
+        line = (
             f"{self.commits} commits ({self.unsynced_commits} without fsync) for {self.jobs} requests, "
             f"{self.lock_waits} waits for the other process, {self.failed_commits} failed, "
             f"{self.cpu_seconds:.1f}s CPU"
         )
+        if self.direct_messages:
+            line += (
+                f"; {self.direct_messages} messages into their Maildirs before the reply, "
+                f"in {self.direct_groups} groups"
+            )
+        return line
 
 
 @dataclass(slots=True, eq=False)

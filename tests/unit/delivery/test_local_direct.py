@@ -73,6 +73,10 @@ async def test_a_stream_of_messages_is_delivered_once_each(q: Queue) -> None:
     ids = sorted(b.split(b"Message-ID: <", 1)[1].split(b"@", 1)[0].decode() for b in found)
     assert ids == sorted(m.queue_id for m in sent)
     assert await q.empty()
+    stats = q.store.stats  # the counters the server logs at shutdown
+    assert stats.direct_messages == 300 and 1 <= stats.direct_groups <= 300
+    expected = f"300 messages into their Maildirs before the reply, in {stats.direct_groups} groups"
+    assert expected in stats.summary()
 
 
 async def test_a_recipient_it_cannot_write_is_queued_alone(q: Queue) -> None:
@@ -87,6 +91,7 @@ async def test_a_recipient_it_cannot_write_is_queued_alone(q: Queue) -> None:
     views = {v.queue_id: v for v in await q.store.list_messages()}
     left = {r.address: r for r in views[m.queue_id].recipients}
     assert set(left) == {"blocked@example.test", "../evil@example.test"}
+    assert q.store.stats.direct_messages == 0  # written in part only: not counted as never queued
     for r in left.values():
         assert r.state is RecipientState.QUEUED and r.attempts == 0
         assert r.next_attempt is not None and before - 1 <= r.next_attempt <= time.time()
