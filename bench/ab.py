@@ -112,13 +112,17 @@ def main() -> int:
     what = "checks on" if args.mailauth else "plain"
     print(f"\n{args.messages} messages a run, {args.sessions} sessions, {args.style} per connection, {what}")
     print(f"A = {trees[0]}\nB = {trees[1]}\n")
-    rows: list[list[object]] = [["A", *rates["A"]], ["B", *rates["B"]], ["B/A", *(f"{p:.2f}" for p in pairs)]]
+    rows: list[list[object]] = [["A off", *rates["A off"]]] if args.mailauth else []
+    rows += [["A", *rates["A"]], ["B", *rates["B"]]]
     if args.mailauth:
-        rows[2:2] = [
-            ["A on/off", *(f"{a / o:.2f}" for a, o in zip(rates["A"], rates["A off"], strict=True))],
-            ["B on/off", *(f"{b / o:.2f}" for b, o in zip(rates["B"], rates["A off"], strict=True))],
+        rows += [
+            [
+                f"{side} on/off",
+                *(f"{on / off:.2f}" for on, off in zip(rates[side], rates["A off"], strict=True)),
+            ]
+            for side in ("A", "B")
         ]
-        rows.insert(0, ["A off", *rates["A off"]])
+    rows.append(["B/A", *(f"{p:.2f}" for p in pairs)])
     print(_common.table(["msgs/s", *(f"round {i + 1}" for i in range(args.rounds))], rows))
     won = sum(p > 1 for p in pairs)
     print(f"\nB/A median {statistics.median(pairs):.2f}; B ahead in {won} of {len(pairs)} rounds")
