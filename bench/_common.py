@@ -11,6 +11,7 @@ Postfix on 127.0.0.2, each on a free port.
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import signal
 import subprocess
@@ -271,15 +272,31 @@ def pair_ratios(ours: list[float], theirs: list[float]) -> str:
     return f"{middle:.2f}x ({'/'.join(f'{r:.2f}' for r in ratios)})"
 
 
+PROFILER_ENV = "BENCH_PROFILER"  # "perf" for Linux perf instead of py-spy (see Profiler)
+
+
 class Profiler:
-    """py-spy recording a process until stopped; ``summary()`` reads its collapsed stacks."""
+    """A sampling profiler on a process until stopped; ``summary()`` says where the samples fell.
+
+    py-spy by default: Python functions, self and inclusive (collapsed stacks in
+    `output`). With ``BENCH_PROFILER=perf`` in the environment, Linux perf
+    (``perf record -g``, 499 Hz) instead: where the CPU goes below Python, by
+    shared object (libpython, the kernel, uvloop, libc, OpenSSL) and by symbol,
+    which py-spy files under the Python frame that called into C (uvloop's
+    ``run`` above all). Its data stays in ``output`` with ``.perf`` for
+    ``perf report -i``."""
 
     def __init__(self, pid: int, output: Path) -> None:
-        self.output = output
-        program = peers.find_program("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        argv = [program, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--function",
-                "--nonblocking", "--output", str(output)]
-        self.errors = output.with_suffix(".py-spy.log")
+        self.perf = os.environ.get(PROFILER_ENV) == "perf"
+        self.output = output.with_suffix(".perf") if self.perf else output
+        if self.perf:
+            argv = [peers.find_program("perf") or "perf", "record", "-F", "499", "-g", "-p", str(pid),
+                    "-o", str(self.output)]
+        else:
+            program = peers.find_program("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            argv = [program, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--function",
+                    "--nonblocking", "--output", str(output)]
+        self.errors = output.with_suffix(".perf.log" if self.perf else ".py-spy.log")
         with self.errors.open("wb") as log:
             self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
 
@@ -292,14 +309,32 @@ class Profiler:
             self.proc.wait(10)
 
     def summary(self, top: int = 15) -> str:
-        own: Counter[str] = Counter()
-        inclusive: Counter[str] = Counter()
-        total = 0
         if not self.output.exists():
             # py-spy 0.4.3 cannot read CPython 3.11.7 here ("Failed to find python
             # version from target process"); pyproject pins the bench to < 0.4.
             said = self.errors.read_text(errors="replace").strip().splitlines()
-            return f"py-spy wrote no samples: {said[0] if said else 'no message'} (see {self.errors})"
+            return f"the profiler wrote no samples: {said[0] if said else 'no message'} (see {self.errors})"
+        return self._perf_summary(top) if self.perf else self._py_spy_summary(top)
+
+    def _perf_summary(self, top: int) -> str:
+        def report(sort: str) -> list[list[object]]:
+            argv = ["perf", "report", "-i", str(self.output), "--no-children", "-g", "none",
+                    "--sort", sort, "--stdio"]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+            rows: list[list[object]] = []
+            for line in done.stdout.splitlines():  # "    73.09%  libpython3.11.so.1.0  [.] _PyEval_..."
+                share, _, what = line.strip().partition(" ")
+                if share.endswith("%") and what.strip():
+                    rows.append([share, " ".join(what.split())[:120]])
+            return rows[:top]
+        by_object = table(["share", "object"], report("dso"))
+        by_symbol = table(["share", "symbol"], report("dso,sym"))
+        return f"perf samples in {self.output}\n\nby shared object:\n{by_object}\n\nby symbol:\n{by_symbol}"
+
+    def _py_spy_summary(self, top: int) -> str:
+        own: Counter[str] = Counter()
+        inclusive: Counter[str] = Counter()
+        total = 0
         for line in self.output.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             n = int(count)

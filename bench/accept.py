@@ -37,6 +37,9 @@ stacks to ``DIR/gannet-SESSIONS-STYLE.txt`` (feed them to flamegraph.pl or
 speedscope), then prints where the samples fall: the functions on top of
 the stack (self) and the Gannet functions anywhere on it (inclusive).
 Profiling costs Gannet some speed; use it for the shape, not the figures.
+With ``BENCH_PROFILER=perf`` in the environment it is Linux perf instead
+(``DIR/gannet-SESSIONS-STYLE.perf``): the CPU below Python, by shared object
+and symbol (libpython, the kernel, uvloop; `_common.Profiler`).
 """
 
 from __future__ import annotations
