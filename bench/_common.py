@@ -101,8 +101,10 @@ def remove(path: Path, keep: bool) -> None:
 
 
 def gannet_config(work: Path, *, smtp: dict[str, Any] | None = None, relay: dict[str, Any] | None = None,
-                  delivery: dict[str, Any] | None = None, queue_url: str | None = None) -> str:
-    """Gannet as the benchmarks run it: one mx listener, local domain example.test, Maildirs, no TLS."""
+                  delivery: dict[str, Any] | None = None, queue_url: str | None = None,
+                  sections: dict[str, Any] | None = None) -> str:
+    """Gannet as the benchmarks run it: one mx listener, local domain example.test, Maildirs, no TLS.
+    `relay` is merged into the default [relay]; `sections` (e.g. [dns], [mailauth]) are added whole."""
     host = peers.GANNET_HOST
     config: dict[str, Any] = {
         "hostname": "mx.example.test",
@@ -121,6 +123,7 @@ def gannet_config(work: Path, *, smtp: dict[str, Any] | None = None, relay: dict
         config["delivery"] = delivery
     if queue_url:
         config["queue"] = {"url": queue_url}
+    config.update(sections or {})
     return peers.to_toml(config)
 
 
@@ -141,9 +144,10 @@ def gannet_env() -> dict[str, str] | None:
 
 def start_gannet(work: Path, *, smtp: dict[str, Any] | None = None, nofile: int | None = None,
                  relay: dict[str, Any] | None = None, delivery: dict[str, Any] | None = None,
-                 queue_url: str | None = None) -> peers.GannetProcess:
-    """A fresh Gannet in ``work/gannet`` with the account alice@example.test."""
-    config = gannet_config(work / "gannet", smtp=smtp, relay=relay, delivery=delivery, queue_url=queue_url)
+                 queue_url: str | None = None, sections: dict[str, Any] | None = None) -> peers.GannetProcess:
+    """A fresh Gannet in ``work/gannet`` with the account alice@example.test (`gannet_config`'s arguments)."""
+    config = gannet_config(work / "gannet", smtp=smtp, relay=relay, delivery=delivery, queue_url=queue_url,
+                           sections=sections)
     g = peers.GannetProcess(work / "gannet", config, start=False, nofile=nofile, env=gannet_env())
     g.cli("users", "add", BENCH_USER, "--password-stdin", input=BENCH_PASSWORD + "\n")
     g.start()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Is a change faster? Two Gannet checkouts under the same smtp-source load, alternating in one run.
 
-    .venv/bin/python bench/ab.py TREE_A TREE_B [--mailauth] [--sessions 10] [--style many]
+    .venv/bin/python bench/ab.py TREE_A TREE_B [--mailauth [--b-off]] [--sessions 10] [--style many]
                                  [--rounds 4] [--messages 10000]
 
 TREE_A and TREE_B are checkouts of Gannet (e.g. `git worktree add /tmp/a HEAD~1`,
@@ -22,7 +22,10 @@ Plain (default): accept.py's Gannet run (one recipient, 4 KiB, fsync before 250,
 Maildir delivery). `--mailauth`: accept_mailauth's, with the inbound checks on
 for both trees and one run of A with checks off each round, so that each
 tree's on/off (issue 4's figure) is printed too: both over A's checks-off
-run, which is right for a change to the checks and nothing else.
+run, which is right for a change to the checks and nothing else. A change
+that also moves the checks-off path (a faster session, say) makes B's on/off
+over A's off a false figure: `--b-off` runs B with checks off too, each
+round, and B's on/off is then over B's own (session 21: mypyc sped both up).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trees", nargs=2, type=Path, metavar="TREE", help="two Gannet checkouts: A and B")
     parser.add_argument("--mailauth", action="store_true", help="inbound checks on (and A with them off)")
+    parser.add_argument("--b-off", action="store_true", help="with --mailauth: B with checks off too")
     parser.add_argument("--sessions", type=int, default=10, help="smtp-source -s (default 10)")
     parser.add_argument(
         "--style",
@@ -82,6 +86,8 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=10_000, help="messages per run (default 10000)")
     parser.add_argument("--size", type=int, default=4096, help="body bytes (default 4096)")
     args = parser.parse_args()
+    if args.b_off and not args.mailauth:
+        parser.error("--b-off is for --mailauth")
     trees = [t.resolve() for t in args.trees]
     for tree in trees:
         if not (tree / "gannet" / "__init__.py").exists():
@@ -89,16 +95,18 @@ def main() -> int:
     _common.require("smtp-source", *(["dnsmasq"] if args.mailauth else []))
     peers.raise_nofile(4096)
     work = _common.workdir("ab")
-    rates: dict[str, list[float]] = {"A": [], "B": [], "A off": []}
+    rates: dict[str, list[float]] = {"A": [], "B": [], "A off": [], "B off": []}
     with contextlib.ExitStack() as stack:
         stack.callback(_common.use_tree, None)
         run = _runner(args, work, stack)
         for r in range(args.rounds):
             sides = [("A", trees[0]), ("B", trees[1])]
-            order = ([("A off", trees[0])] if args.mailauth else []) + (sides if r % 2 == 0 else sides[::-1])
+            offs = [("A off", trees[0])] if args.mailauth else []
+            offs += [("B off", trees[1])] if args.b_off else []
+            order = (offs + sides) if r % 2 == 0 else (offs + sides)[::-1]
             for name, tree in order:
                 _common.use_tree(tree)
-                rate, by_process = run(name != "A off")
+                rate, by_process = run(not name.endswith(" off"))
                 rates[name].append(rate)
                 cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_process.items()))
                 print(
@@ -112,16 +120,12 @@ def main() -> int:
     what = "checks on" if args.mailauth else "plain"
     print(f"\n{args.messages} messages a run, {args.sessions} sessions, {args.style} per connection, {what}")
     print(f"A = {trees[0]}\nB = {trees[1]}\n")
-    rows: list[list[object]] = [["A off", *rates["A off"]]] if args.mailauth else []
+    offs = [name for name in ("A off", "B off") if rates[name]]
+    rows: list[list[object]] = [[name, *rates[name]] for name in offs]
     rows += [["A", *rates["A"]], ["B", *rates["B"]]]
-    if args.mailauth:
-        rows += [
-            [
-                f"{side} on/off",
-                *(f"{on / off:.2f}" for on, off in zip(rates[side], rates["A off"], strict=True)),
-            ]
-            for side in ("A", "B")
-        ]
+    for side in ("A", "B") if args.mailauth else ():
+        off = rates[f"{side} off"] or rates["A off"]  # B over A's checks-off run without --b-off
+        rows.append([f"{side} on/off", *(f"{on / o:.2f}" for on, o in zip(rates[side], off, strict=True))])
     rows.append(["B/A", *(f"{p:.2f}" for p in pairs)])
     print(_common.table(["msgs/s", *(f"round {i + 1}" for i in range(args.rounds))], rows))
     won = sum(p > 1 for p in pairs)

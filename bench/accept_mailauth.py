@@ -22,9 +22,8 @@ import base64
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import _common
 import dkim
@@ -83,15 +82,14 @@ def sender_world(message: Path, size: int) -> peers.DnsRecords:
 
 
 def _gannet(work: Path, dns: peers.DnsServer, checks: bool) -> peers.GannetProcess:
-    doc: dict[str, Any] = tomllib.loads(
-        _common.gannet_config(work / "gannet", relay={"trusted_networks": ["127.0.0.99/32"]})
+    return _common.start_gannet(
+        work,
+        relay={"trusted_networks": ["127.0.0.99/32"]},  # 127.0.0.1, smtp-source, is checked
+        sections={
+            "dns": {"nameservers": [dns.nameserver]},
+            "mailauth": {"checks": checks, "dmarc": "enforce"},
+        },
     )
-    doc["dns"] = {"nameservers": [dns.nameserver]}
-    doc["mailauth"] = {"checks": checks, "dmarc": "enforce"}
-    g = peers.GannetProcess(work / "gannet", peers.to_toml(doc), start=False, env=_common.gannet_env())
-    g.cli("users", "add", _common.BENCH_USER, "--password-stdin", input=_common.BENCH_PASSWORD + "\n")
-    g.start()
-    return g
 
 
 def _smtp_source(target: str, message: Path, sessions: int, messages: int, *, keep_connection: bool) -> float:
