@@ -293,9 +293,9 @@ class Profiler:
     def __init__(self, pid: int, output: Path) -> None:
         self.perf = os.environ.get(PROFILER_ENV) == "perf"
         self.output = output.with_suffix(".perf") if self.perf else output
+        self.perf_program = peers.find_program("perf") or "perf"
         if self.perf:
-            argv = [peers.find_program("perf") or "perf", "record", "-F", "499", "-g", "-p", str(pid),
-                    "-o", str(self.output)]
+            argv = [self.perf_program, "record", "-F", "499", "-g", "-p", str(pid), "-o", str(self.output)]
         else:
             program = peers.find_program("py-spy") or str(Path(sys.executable).parent / "py-spy")
             argv = [program, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--function",
@@ -322,7 +322,7 @@ class Profiler:
 
     def _perf_summary(self, top: int) -> str:
         def report(sort: str) -> list[list[object]]:
-            argv = ["perf", "report", "-i", str(self.output), "--no-children", "-g", "none",
+            argv = [self.perf_program, "report", "-i", str(self.output), "--no-children", "-g", "none",
                     "--sort", sort, "--stdio"]
             done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
             rows: list[list[object]] = []
