@@ -293,13 +293,13 @@ class Profiler:
     def __init__(self, pid: int, output: Path) -> None:
         self.perf = os.environ.get(PROFILER_ENV) == "perf"
         self.output = output.with_suffix(".perf") if self.perf else output
-        self.perf_program = peers.find_program("perf") or "perf"
         if self.perf:
-            argv = [self.perf_program, "record", "-F", "499", "-g", "-p", str(pid), "-o", str(self.output)]
+            self.program = peers.find_program("perf") or "perf"
+            argv = [self.program, "record", "-F", "499", "-g", "-p", str(pid), "-o", str(self.output)]
         else:
-            program = peers.find_program("py-spy") or str(Path(sys.executable).parent / "py-spy")
-            argv = [program, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--function",
-                    "--nonblocking", "--output", str(output)]
+            self.program = peers.find_program("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            argv = [self.program, "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
+                    "--function", "--nonblocking", "--output", str(output)]
         self.errors = output.with_suffix(".perf.log" if self.perf else ".py-spy.log")
         with self.errors.open("wb") as log:
             self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
@@ -322,7 +322,7 @@ class Profiler:
 
     def _perf_summary(self, top: int) -> str:
         def report(sort: str) -> list[list[object]]:
-            argv = [self.perf_program, "report", "-i", str(self.output), "--no-children", "-g", "none",
+            argv = [self.program, "report", "-i", str(self.output), "--no-children", "-g", "none",
                     "--sort", sort, "--stdio"]
             done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
             rows: list[list[object]] = []
