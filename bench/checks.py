@@ -9,10 +9,11 @@ the header rewrite; the figure is CPU time per round, after a warm-up. It
 isolates the checks from the rest of the server, so a change to them can be
 measured in seconds; in the server under load the same code costs about twice
 as much (cache and the other core are shared). `--cold MIB` also times rounds
-that each start after walking MIB MiB of memory, as the checker child starts
-each message after the server, the writer and smtp-source ran in between: 2
-evicts this host's L1 and L2 (512 KiB each core), 64 its L3 too (32 MiB).
-`--profile` adds a cProfile listing. Gannet only: Postfix has no built-in DKIM/DMARC to compare with.
+that each start after a write to every cache line of MIB MiB, as the checker
+child often starts a message after the server, the writer and smtp-source
+have run: 2 makes this host's L1 and L2 cold (512 KiB a core), 64 its L3 too
+(32 MiB); bench/README.md, "Session 22". `--profile` adds a cProfile
+listing. Gannet only: Postfix has no built-in DKIM/DMARC to compare with.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from gannet.mailauth import pipeline
 from gannet.mailauth.checks import InboundChecks
 from gannet.queue.model import InlineBody
 
-COLD_ROUNDS = 500
+COLD_ROUNDS = 500  # each pays for a walk of the memory too: fewer than the hot rounds
 RECEIVED = b"Received: from client.test ([127.0.0.1]) by mx.example.test with ESMTP id X; Mon, 1 Jan 2024\r\n"
 
 
