@@ -144,13 +144,16 @@ def gannet_env() -> dict[str, str] | None:
 
 def start_gannet(work: Path, *, smtp: dict[str, Any] | None = None, nofile: int | None = None,
                  relay: dict[str, Any] | None = None, delivery: dict[str, Any] | None = None,
-                 queue_url: str | None = None, sections: dict[str, Any] | None = None) -> peers.GannetProcess:
-    """A fresh Gannet in ``work/gannet`` with the account alice@example.test (`gannet_config`'s arguments)."""
+                 queue_url: str | None = None, sections: dict[str, Any] | None = None,
+                 start: bool = True) -> peers.GannetProcess:
+    """A fresh Gannet in ``work/gannet`` with the account alice@example.test (`gannet_config`'s arguments);
+    `start=False` leaves it stopped, for a caller that fills its data directory first."""
     config = gannet_config(work / "gannet", smtp=smtp, relay=relay, delivery=delivery, queue_url=queue_url,
                            sections=sections)
     g = peers.GannetProcess(work / "gannet", config, start=False, nofile=nofile, env=gannet_env())
     g.cli("users", "add", BENCH_USER, "--password-stdin", input=BENCH_PASSWORD + "\n")
-    g.start()
+    if start:
+        g.start()
     return g
 
 

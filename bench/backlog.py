@@ -100,10 +100,8 @@ def run_once(backlog: int, fresh: int, messages: int, keep: bool) -> dict[str, f
     dns = peers.DnsServer(work / "dns", records=RECORDS)
     sink = peers.SmtpSink(work / "sink", listen=f"{peers.SINK_HOST}:{port}", max_sessions=1000)
     try:
-        config = _common.gannet_config(work / "gannet", delivery={"port": port, "retry": ["10m"]},
-                                       sections={"dns": {"nameservers": [dns.nameserver]}})
-        g = peers.GannetProcess(work / "gannet", config, start=False, env=_common.gannet_env())
-        g.cli("users", "add", _common.BENCH_USER, "--password-stdin", input=_common.BENCH_PASSWORD + "\n")
+        g = _common.start_gannet(work, delivery={"port": port, "retry": ["10m"]},
+                                 sections={"dns": {"nameservers": [dns.nameserver]}}, start=False)
         fill = asyncio.run(fill_queue(work, backlog)) if backlog else 0.0
         g.start()
         try:
