@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -260,6 +261,12 @@ def cpu_by_process(root: int) -> Counter[str]:
         role = next((name for word, name in _ROLES if word in command), "other")
         split[role] += peers.process_cpu_seconds(pid, children=False)
     return split
+
+
+def children_cpu() -> float:
+    """user+sys of this process's reaped children (smtp-source, once it has exited)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def median_by(items: list[T], key: Callable[[T], float]) -> T:

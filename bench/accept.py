@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -86,12 +85,6 @@ def count_new(maildir: os.PathLike[str]) -> int:
         return 0
 
 
-def _children_cpu() -> float:
-    """user+sys of this process's reaped children: smtp-source, once it has exited."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_once(server: str, sessions: int, style: str, messages: int, size: int, keep: bool,
              profile: Path | None = None, queue: _common.BenchQueue | None = None) -> Run:
     run = Run(server, sessions, style, messages)
@@ -114,14 +107,14 @@ def run_once(server: str, sessions: int, style: str, messages: int, size: int, k
                 profiler = _common.Profiler(g.pid, profile / f"gannet-{sessions}-{style}.txt")
             cpu0 = cpu()
             split0 = _common.cpu_by_process(g.pid) if server == "gannet" else None
-            source0 = _children_cpu()
+            source0 = _common.children_cpu()
             result = peers.smtp_source(target, messages=messages, sessions=sessions,
                                        keep_connection=(style == "many"), size=size,
                                        sender="bench@client.test", recipient=_common.BENCH_USER,
                                        helo="client.test", timeout=3600)
             run.wall = result.elapsed
             run.cpu_accept = cpu() - cpu0
-            run.split = {"smtp-source": _children_cpu() - source0}
+            run.split = {"smtp-source": _common.children_cpu() - source0}
             if split0 is not None:
                 split = _common.cpu_by_process(g.pid)
                 split.subtract(split0)

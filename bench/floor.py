@@ -17,13 +17,14 @@ Printed per run: msgs/s, the server's CPU a message (Gannet: its server process
 alone, then its whole tree), smtp-source's; then, from the medians, the layers.
 The servers' order alternates from one repetition to the next. A diagnostic,
 like checks.py: it does not compare with Postfix (accept.py does), and the
-floors' rates are no target: they write nothing to disk.
+floors' rates are no target: they write nothing to disk. A floor's run at
+10,000 messages lasts a few seconds, so one run is a sample: with
+`--repeat 1` or `--messages 2000` a layer can come out negative.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
@@ -58,15 +59,9 @@ class Run:
         return 1000 * seconds / self.messages
 
 
-def _children_cpu() -> float:
-    """user+sys of this process's reaped children: smtp-source, once it has exited."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _source(target: str, run: tuple[int, str, int], size: int) -> tuple[float, float]:
-    sessions, style, messages = run
-    before = _children_cpu()
+def _source(target: str, sessions: int, style: str, messages: int, size: int) -> tuple[float, float]:
+    """smtp-source's wall time and CPU seconds."""
+    before = _common.children_cpu()
     result = peers.smtp_source(
         target,
         messages=messages,
@@ -78,7 +73,7 @@ def _source(target: str, run: tuple[int, str, int], size: int) -> tuple[float, f
         helo="client.test",
         timeout=3600,
     )
-    return result.elapsed, _children_cpu() - before
+    return result.elapsed, _common.children_cpu() - before
 
 
 def run_floor(level: str, sessions: int, style: str, messages: int, size: int) -> Run:
@@ -92,7 +87,7 @@ def run_floor(level: str, sessions: int, style: str, messages: int, size: int) -
         if proc.stdout.readline().strip() != "ready":
             sys.exit(f"bench: the {level} floor server did not start")
         cpu0 = peers.process_cpu_seconds(proc.pid)
-        wall, source = _source(f"127.0.0.1:{port}", (sessions, style, messages), size)
+        wall, source = _source(f"127.0.0.1:{port}", sessions, style, messages, size)
         cpu = peers.process_cpu_seconds(proc.pid) - cpu0
         return Run(level, sessions, style, messages, wall, cpu, cpu, source)
     finally:
@@ -107,7 +102,7 @@ def run_gannet(sessions: int, style: str, messages: int, size: int, keep: bool) 
         try:
             split0 = _common.cpu_by_process(g.pid)
             tree0 = peers.process_tree_cpu_seconds(g.pid)
-            wall, source = _source(g.target(), (sessions, style, messages), size)
+            wall, source = _source(g.target(), sessions, style, messages, size)
             split = _common.cpu_by_process(g.pid)
             tree = peers.process_tree_cpu_seconds(g.pid) - tree0
             return Run(

@@ -105,6 +105,18 @@ def answer(conn: ServerConnection, event: ev.Event) -> R.Reply | None:
     return R.R250_OK
 
 
+def answer_events(conn: ServerConnection, out: list[bytes]) -> ev.Sentinel:
+    """Answer the core's events into `out` until it needs data (or pauses, or closes)."""
+    while not conn.closed:
+        event = conn.next_event()
+        if isinstance(event, ev.Sentinel):
+            return event
+        reply = answer(conn, event)
+        if reply is not None:
+            out.append(conn.send(reply))
+    return ev.Sentinel.PAUSED
+
+
 class CoreProtocol(asyncio.Protocol):
     """The protocol core driven from the callbacks: each read's replies in one write."""
 
@@ -118,19 +130,12 @@ class CoreProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
-        conn = self.conn
-        conn.receive_data(data)
+        self.conn.receive_data(data)
         out: list[bytes] = []
-        while not conn.closed:
-            event = conn.next_event()
-            if isinstance(event, ev.Sentinel):
-                break
-            reply = answer(conn, event)
-            if reply is not None:
-                out.append(conn.send(reply))
+        answer_events(self.conn, out)
         if out:
             self.transport.write(b"".join(out))
-        if conn.closed:
+        if self.conn.closed:
             self.transport.close()
 
 
@@ -143,22 +148,15 @@ class TaskWire(Wire):
 
 
 async def _session(wire: Wire) -> None:
-    """Session._loop's shape: replies gathered until the core needs data, then one write."""
+    """Session._loop's shape: replies gathered until the core needs data, then one write,
+    then a wait for the next read."""
     conn = ServerConnection(OPTIONS)
     out = [conn.send(BANNER)]
-    while not conn.closed:
-        event = conn.next_event()
-        if event is ev.NEED_DATA:
-            wire.write(b"".join(out))
-            out.clear()
-            await wire.drain()
-            conn.receive_data(await wire.read(300.0))
-            continue
-        if isinstance(event, ev.Sentinel):
-            break
-        reply = answer(conn, event)
-        if reply is not None:
-            out.append(conn.send(reply))
+    while answer_events(conn, out) is ev.NEED_DATA:
+        wire.write(b"".join(out))
+        out.clear()
+        await wire.drain()
+        conn.receive_data(await wire.read(300.0))
     if out:
         wire.write(b"".join(out))
     wire.close()
