@@ -269,6 +269,17 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def accept_load(target: str, *, sessions: int, style: str, messages: int, size: int) -> tuple[float, float]:
+    """accept.py's load: smtp-source sends `messages` of `size` body bytes to BENCH_USER over
+    `sessions`, a connection per message (`style` "one") or all on one (`"many"`, -d).
+    Returns its wall seconds and its own CPU seconds."""
+    before = children_cpu()
+    result = peers.smtp_source(target, messages=messages, sessions=sessions,
+                               keep_connection=(style == "many"), size=size, sender="bench@client.test",
+                               recipient=BENCH_USER, helo="client.test", timeout=3600)
+    return result.elapsed, children_cpu() - before
+
+
 def median_by(items: list[T], key: Callable[[T], float]) -> T:
     """The middle item by `key` (the lower middle for an even count)."""
     ordered = sorted(items, key=key)

@@ -107,14 +107,10 @@ def run_once(server: str, sessions: int, style: str, messages: int, size: int, k
                 profiler = _common.Profiler(g.pid, profile / f"gannet-{sessions}-{style}.txt")
             cpu0 = cpu()
             split0 = _common.cpu_by_process(g.pid) if server == "gannet" else None
-            source0 = _common.children_cpu()
-            result = peers.smtp_source(target, messages=messages, sessions=sessions,
-                                       keep_connection=(style == "many"), size=size,
-                                       sender="bench@client.test", recipient=_common.BENCH_USER,
-                                       helo="client.test", timeout=3600)
-            run.wall = result.elapsed
+            run.wall, source_cpu = _common.accept_load(target, sessions=sessions, style=style,
+                                                       messages=messages, size=size)
             run.cpu_accept = cpu() - cpu0
-            run.split = {"smtp-source": _common.children_cpu() - source0}
+            run.split = {"smtp-source": source_cpu}
             if split0 is not None:
                 split = _common.cpu_by_process(g.pid)
                 split.subtract(split0)

@@ -59,23 +59,6 @@ class Run:
         return 1000 * seconds / self.messages
 
 
-def _source(target: str, sessions: int, style: str, messages: int, size: int) -> tuple[float, float]:
-    """smtp-source's wall time and CPU seconds."""
-    before = _common.children_cpu()
-    result = peers.smtp_source(
-        target,
-        messages=messages,
-        sessions=sessions,
-        keep_connection=(style == "many"),
-        size=size,
-        sender="bench@client.test",
-        recipient=_common.BENCH_USER,
-        helo="client.test",
-        timeout=3600,
-    )
-    return result.elapsed, _common.children_cpu() - before
-
-
 def run_floor(level: str, sessions: int, style: str, messages: int, size: int) -> Run:
     port = peers.free_port("127.0.0.1")
     script = Path(floor_servers.__file__)
@@ -87,7 +70,9 @@ def run_floor(level: str, sessions: int, style: str, messages: int, size: int) -
         if proc.stdout.readline().strip() != "ready":
             sys.exit(f"bench: the {level} floor server did not start")
         cpu0 = peers.process_cpu_seconds(proc.pid)
-        wall, source = _source(f"127.0.0.1:{port}", sessions, style, messages, size)
+        wall, source = _common.accept_load(
+            f"127.0.0.1:{port}", sessions=sessions, style=style, messages=messages, size=size
+        )
         cpu = peers.process_cpu_seconds(proc.pid) - cpu0
         return Run(level, sessions, style, messages, wall, cpu, cpu, source)
     finally:
@@ -102,7 +87,9 @@ def run_gannet(sessions: int, style: str, messages: int, size: int, keep: bool) 
         try:
             split0 = _common.cpu_by_process(g.pid)
             tree0 = peers.process_tree_cpu_seconds(g.pid)
-            wall, source = _source(g.target(), sessions, style, messages, size)
+            wall, source = _common.accept_load(
+                g.target(), sessions=sessions, style=style, messages=messages, size=size
+            )
             split = _common.cpu_by_process(g.pid)
             tree = peers.process_tree_cpu_seconds(g.pid) - tree0
             return Run(
