@@ -39,7 +39,7 @@ SERVERS = (*floor_servers.LEVELS, "gannet")
 LAYERS = (
     ("canned", "", "the kernel and uvloop (canned replies)"),
     ("core", "canned", "+ the protocol core, from callbacks"),
-    ("task", "core", "+ a task per session over Wire"),
+    ("task", "core", "+ a task per session, woken per message"),
     ("gannet", "task", "+ the rest of Gannet's session"),
 )
 

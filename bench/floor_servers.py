@@ -9,9 +9,12 @@ several transactions on one connection) with fixed replies and keeps nothing:
 - `core`: Gannet's protocol core (`gannet.smtp.server.ServerConnection`: the
   command parser, the state machine, the DATA reader) driven from the
   Protocol's callbacks, as h11 can be: no task, no future.
-- `task`: the same core driven as `gannet.server.session.Session` drives it:
-  a task per connection over `gannet.server.wire.Wire`, awaiting each read
-  (a future and a timeout timer per read).
+- `task`: the same core driven as `gannet.server.session.Session` drives it
+  (since session 24): a task per connection, parked in
+  `gannet.server.wire.Wire.park` while the transport's callback answers the
+  commands; each end of data wakes the task, which answers it (where Gannet
+  awaits the store). Until session 24 the task awaited every read (a future
+  and a timeout timer each), and so did this floor.
 
 Run as `python bench/floor_servers.py LEVEL PORT`: prints "ready" once
 listening, serves until killed. Never used by Gannet or its tests.
@@ -148,15 +151,47 @@ class TaskWire(Wire):
 
 
 async def _session(wire: Wire) -> None:
-    """Session._loop's shape: replies gathered until the core needs data, then one write,
-    then a wait for the next read."""
+    """Session's shape: replies gathered until the core needs data, then one write;
+    the task parked meanwhile, woken for each end of data."""
     conn = ServerConnection(OPTIONS)
     out = [conn.send(BANNER)]
-    while answer_events(conn, out) is ev.NEED_DATA:
-        wire.write(b"".join(out))
-        out.clear()
-        await wire.drain()
-        conn.receive_data(await wire.read(300.0))
+    held: list[ev.Event | ev.Sentinel] = []
+
+    def pump() -> ev.Event | ev.Sentinel:
+        while not conn.closed:
+            event = conn.next_event()
+            if isinstance(event, ev.Sentinel) or type(event) is ev.EndOfData:
+                return event
+            reply = answer(conn, event)
+            if reply is not None:
+                out.append(conn.send(reply))
+        return ev.Sentinel.PAUSED
+
+    def on_input(data: bytes) -> bool:
+        conn.receive_data(data)
+        event = pump()
+        if out:
+            wire.write(b"".join(out))
+            out.clear()
+        if event is ev.NEED_DATA:
+            return conn.closed
+        held.append(event)
+        return True
+
+    while not conn.closed:
+        event = held.pop() if held else pump()
+        if event is ev.NEED_DATA:
+            wire.write(b"".join(out))
+            out.clear()
+            await wire.drain()
+            await wire.park(on_input, lambda: 300.0, 300.0)
+            data = wire.take()
+            if data is not None:
+                conn.receive_data(data)
+        elif type(event) is ev.EndOfData:
+            out.append(conn.send(QUEUED))
+        else:
+            break
     if out:
         wire.write(b"".join(out))
     wire.close()

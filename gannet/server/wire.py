@@ -9,6 +9,12 @@ on the hot path (no extra buffer copies).
 Flow control both ways: reading pauses when more than HIGH_WATER bytes wait
 unread (memory per session stays bounded), and `drain()` waits while the
 transport's write buffer is full.
+
+While the task is parked in `park()`, bytes go straight to its receiver from
+`data_received`, so commands that need no await are answered without waking
+the task: a wake-up per command (a future, a timer, the task's step through
+its coroutines) was a tenth of the server's CPU (bench/README.md, sessions
+23 and 24).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 
 HIGH_WATER = 256 * 1024
@@ -26,8 +33,11 @@ class Wire(asyncio.Protocol):
         "_can_write",
         "_chunks",
         "_eof",
+        "_last_input",
         "_pending",
         "_reading_paused",
+        "_receiver",
+        "_timer",
         "_waiter",
         "loop",
         "transport",
@@ -42,6 +52,9 @@ class Wire(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._can_write: asyncio.Future[None] | None = None
+        self._receiver: Callable[[bytes], bool] | None = None
+        self._last_input = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol callbacks --------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -49,6 +62,13 @@ class Wire(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        receiver = self._receiver
+        if receiver is not None:  # the task is parked: its receiver handles the bytes now
+            self._last_input = self.loop.time()
+            if receiver(data):
+                self._receiver = None
+                self._wake()
+            return
         self._chunks.append(data)
         self._pending += len(data)
         if self._pending > HIGH_WATER and not self._reading_paused and self.transport:
@@ -83,8 +103,8 @@ class Wire(asyncio.Protocol):
     # -- for the session -------------------------------------------------------
     async def read(self, timeout: float) -> bytes:
         """All bytes received so far, waiting up to `timeout` seconds if there are
-        none (TimeoutError then); b"" at EOF. One timer handle per wait: cheaper
-        than asyncio.timeout() on this path, which runs for every command."""
+        none (TimeoutError then); b"" at EOF. For what comes before the session's
+        loop (a PROXY header); the loop itself parks."""
         while not self._chunks:
             if self._eof:
                 return b""
@@ -95,6 +115,50 @@ class Wire(asyncio.Protocol):
             finally:
                 timer.cancel()
                 self._waiter = None
+        return self.take() or b""
+
+    async def park(
+        self, receiver: Callable[[bytes], bool], timeout: Callable[[], float], check_every: float
+    ) -> None:
+        """Wait while `receiver` takes the bytes that arrive, until it returns True
+        (it wants the task), EOF, or no bytes for `timeout()` seconds (TimeoutError).
+        What the receiver does can change `timeout()` (a body waits longer than a
+        command), so it is asked again at least every `check_every` seconds.
+        Returns at once if bytes or EOF came while the task was busy: `take()` them."""
+        if self._chunks or self._eof:
+            return
+        loop = self.loop
+        waiter = self._waiter = loop.create_future()
+        self._receiver = receiver
+        self._last_input = loop.time()
+        self._timer = loop.call_later(
+            min(timeout(), check_every), self._check_idle, waiter, timeout, check_every
+        )
+        try:
+            await waiter
+        finally:
+            self._receiver = None
+            self._waiter = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _check_idle(
+        self, waiter: asyncio.Future[None], timeout: Callable[[], float], check_every: float
+    ) -> None:
+        left = self._last_input + timeout() - self.loop.time()
+        if left > 0:
+            self._timer = self.loop.call_later(
+                min(left, check_every), self._check_idle, waiter, timeout, check_every
+            )
+        else:
+            self._timer = None
+            _expire(waiter)
+
+    def take(self) -> bytes | None:
+        """The bytes received while the task was busy; b"" at EOF, None if neither."""
+        if not self._chunks:
+            return b"" if self._eof else None
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._pending = 0
@@ -102,6 +166,11 @@ class Wire(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
         return data
+
+    @property
+    def write_blocked(self) -> bool:
+        """The transport's buffer is full: the task must `drain()` before writing more."""
+        return self._can_write is not None and not self._can_write.done()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

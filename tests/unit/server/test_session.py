@@ -123,3 +123,89 @@ async def test_the_delivery_loop_is_woken_unless_the_store_delivers_it(tmp_path:
         writer.close()
     finally:
         await listeners.stop(5)
+
+
+async def _start(tmp_path: Path, smtp: str) -> tuple[Listeners, ControlledStore, int]:
+    path = tmp_path / "gannet.toml"
+    path.write_text('hostname = "mx.test"\n[[listen]]\naddress = "127.0.0.1:0"\n'
+                    '[relay]\nlocal_domains = ["example.test"]\n'
+                    '[mailboxes]\naliases = { "postmaster@example.test" = ["x@elsewhere.test"] }\n'
+                    f"[smtp]\n{smtp}\n")
+    store = ControlledStore()
+    store.release.set()
+    listeners = Listeners(services_for(config_mod.load(path), store))
+    await listeners.start()
+    ((_, port),) = listeners.bound_ports()
+    return listeners, store, port
+
+
+async def _until_closed(reader: asyncio.StreamReader, within: float) -> list[bytes]:
+    lines = []
+    async with asyncio.timeout(within):
+        while line := await reader.readline():
+            lines.append(line)
+    return lines
+
+
+async def test_a_silent_client_hears_421_after_the_idle_timeout(tmp_path: Path) -> None:
+    listeners, _, port = await _start(tmp_path, 'idle_timeout = "300ms"\ndata_timeout = "30s"')
+    try:
+        reader, writer, replies = await dialog(port, [b"EHLO c.test\r\n"])
+        assert replies[-1].startswith(b"250 ")
+        started = asyncio.get_running_loop().time()
+        assert await _until_closed(reader, 5) == [b"421 4.4.2 Idle timeout, closing connection\r\n"]
+        assert asyncio.get_running_loop().time() - started >= 0.25
+        writer.close()
+    finally:
+        await listeners.stop(5)
+
+
+async def test_commands_keep_a_session_alive_past_the_idle_timeout(tmp_path: Path) -> None:
+    """The commands are answered while the session's task stays parked: each one
+    must still count as activity for the timer armed when it parked."""
+    listeners, _, port = await _start(tmp_path, 'idle_timeout = "400ms"\ndata_timeout = "30s"')
+    try:
+        reader, writer, _ = await dialog(port, [])
+        for _ in range(8):  # 1.6 s in all, four idle timeouts
+            await asyncio.sleep(0.2)
+            writer.write(b"NOOP\r\n")
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"250 ")
+        assert (await _until_closed(reader, 5))[0].startswith(b"421 4.4.2")
+        writer.close()
+    finally:
+        await listeners.stop(5)
+
+
+async def test_a_body_that_stops_hears_421_after_the_data_timeout(tmp_path: Path) -> None:
+    """DATA is answered while parked under the long idle timeout; the shorter data
+    timeout must still apply to the body that follows, and nothing is queued."""
+    listeners, store, port = await _start(tmp_path, 'idle_timeout = "30s"\ndata_timeout = "300ms"')
+    try:
+        reader, writer, replies = await dialog(port, MESSAGE)
+        assert replies[-1].startswith(b"354")
+        writer.write(b"Subject: half\r\n\r\nthe rest never comes")
+        assert (await _until_closed(reader, 5)) == [b"421 4.4.2 Idle timeout, closing connection\r\n"]
+        assert store.stored == []
+        writer.close()
+    finally:
+        await listeners.stop(5)
+
+
+async def test_pipelined_commands_split_anywhere_get_one_reply_each(tmp_path: Path) -> None:
+    listeners, store, port = await _start(tmp_path, "")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.readline()
+        stream = (b"EHLO c.test\r\nMAIL FROM:<a@elsewhere.test>\r\nRCPT TO:<postmaster@example.test>\r\n"
+                  b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n")
+        for i in range(0, len(stream), 7):  # each piece arrives on its own
+            writer.write(stream[i : i + 7])
+            await writer.drain()
+            await asyncio.sleep(0.005)
+        lines = await _until_closed(reader, 5)
+        codes = [line[:4] for line in lines if line[3:4] == b" "]
+        assert codes == [b"250 ", b"250 ", b"250 ", b"354 ", b"250 ", b"250 ", b"221 "]
+        assert len(store.stored) == 1
+        writer.close()
+    finally:
+        await listeners.stop(5)
