@@ -201,12 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nCPU ms/msg while smtp-source ran, by process (the median run):")
     for (server, n, style), rs in runs.items():
         r = _common.median_by(rs, lambda run: run.rate)
-        parts = ", ".join(
-            f"{name} {r.ms_per_msg(seconds):.2f}"
-            for name, seconds in sorted(r.split.items(), key=lambda kv: -kv[1])
-            if seconds > 0
-        )
-        print(f"  {server} {n} {style}: {parts}")
+        print(f"  {server} {n} {style}: {_common.split_text(r.split, r.messages)}")
     return 0
 
 

@@ -18,7 +18,9 @@ Reported per run:
 - accept s: smtp-source's own wall time; drain s: from its end to the last;
 - CPU ms/msg: the server's CPU over the whole run divided by MESSAGES (see
   bench/accept.py for how each server's CPU is summed);
-- rate G/P and CPU G/P: Gannet ÷ Postfix.
+- rate G/P and CPU G/P: Gannet ÷ Postfix;
+- under the table, Gannet's CPU by process over the whole run (server,
+  enqueue writer, delivery worker), per message, for the median run.
 smtp-source and smtp-sink run on the same 2 cores and take their share.
 ``--profile DIR`` samples Gannet's processes with py-spy (see accept.py).
 """
@@ -29,7 +31,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import _common
@@ -47,6 +49,7 @@ class Run:
     total: float = 0.0
     accept: float = 0.0
     cpu: float = 0.0
+    split: dict[str, float] = field(default_factory=dict)  # Gannet's CPU seconds by process
 
     @property
     def rate(self) -> float:
@@ -78,6 +81,7 @@ def run_once(server: str, sessions: int, messages: int, size: int, keep: bool, p
                 for pid in [g.pid, *peers.child_pids(g.pid)]:
                     profilers.append(_common.Profiler(pid, profile / f"relay-{sessions}-{pid}.txt"))
             cpu0 = cpu()
+            split0 = _common.cpu_by_process(g.pid) if server == "gannet" else None
             start = time.monotonic()
             result = peers.smtp_source(target, messages=messages, sessions=sessions, size=size,
                                        sender="bench@client.test", recipient=RECIPIENT,
@@ -86,6 +90,8 @@ def run_once(server: str, sessions: int, messages: int, size: int, keep: bool, p
             peers.wait_progress(sink.count, messages, stall=120, what=f"{server} relaying to smtp-sink")
             run.total = time.monotonic() - start
             run.cpu = cpu() - cpu0
+            if split0 is not None:
+                run.split = dict(_common.cpu_by_process(g.pid) - split0)
         finally:
             for p in profilers:
                 p.stop()
@@ -146,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs{repeats}\n")
     print(_common.table(["server", "sessions", "msgs/s", "total s", "accept s", "drain s", "CPU ms/msg",
                          "rate G/P", "CPU G/P"], rows))
+    splits = [(n, _common.median_by(rs, lambda run: run.rate)) for (server, n), rs in runs.items()
+              if server == "gannet"]
+    if splits:
+        print("\nGannet's CPU ms/msg over the whole run, by process (the median run):")
+        for n, r in splits:
+            print(f"  {n} sessions: {_common.split_text(r.split, r.messages)}")
     return 0
 
 
