@@ -151,8 +151,9 @@ class Wire(asyncio.Protocol):
             self._timer = self.loop.call_later(
                 min(left, check_every), self._check_idle, waiter, timeout, check_every
             )
-        else:
+        else:  # nothing more goes to the receiver: bytes from now on wait for the task
             self._timer = None
+            self._receiver = None
             _expire(waiter)
 
     def take(self) -> bytes | None:
