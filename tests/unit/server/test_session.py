@@ -163,11 +163,11 @@ async def test_a_silent_client_hears_421_after_the_idle_timeout(tmp_path: Path) 
 async def test_commands_keep_a_session_alive_past_the_idle_timeout(tmp_path: Path) -> None:
     """The commands are answered while the session's task stays parked: each one
     must still count as activity for the timer armed when it parked."""
-    listeners, _, port = await _start(tmp_path, 'idle_timeout = "400ms"\ndata_timeout = "30s"')
+    listeners, _, port = await _start(tmp_path, 'idle_timeout = "1s"\ndata_timeout = "30s"')
     try:
         reader, writer, _ = await dialog(port, [])
-        for _ in range(8):  # 1.6 s in all, four idle timeouts
-            await asyncio.sleep(0.2)
+        for _ in range(10):  # 2.5 s in all, two and a half idle timeouts
+            await asyncio.sleep(0.25)
             writer.write(b"NOOP\r\n")
             assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"250 ")
         assert (await _until_closed(reader, 5))[0].startswith(b"421 4.4.2")
