@@ -183,6 +183,8 @@ class Session:
             event = self._held if self._held is not None else self._pump()
             self._held = None
             if event is ev.NEED_DATA:
+                if conn.closed:  # a QUIT (or the core's 421) answered in _pump: we close first
+                    return
                 if self._closing:
                     self._write(conn.close_with(R.R421_SHUTTING_DOWN))
                     return

@@ -4,15 +4,18 @@ what the client hears when the store fails, and that 250 waits for the commit.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from in_process_services import services_for
 
 from gannet import config as config_mod
-from gannet.queue.model import NewMessage, QueueError
+from gannet.queue.model import InlineBody, NewMessage, QueueError
 from gannet.server.listener import Listeners
 
 
@@ -209,3 +212,59 @@ async def test_pipelined_commands_split_anywhere_get_one_reply_each(tmp_path: Pa
         writer.close()
     finally:
         await listeners.stop(5)
+
+
+async def test_a_quit_pipelined_behind_the_end_of_data_closes_the_connection(tmp_path: Path) -> None:
+    """The end of data is answered by the task, which then finds QUIT already read:
+    after 221 the server closes (RFC 5321 §4.1.1.10), it does not wait for more."""
+    listeners, store, port = await _start(tmp_path, "")
+    try:
+        reader, writer, replies = await dialog(port, MESSAGE)
+        assert replies[-1].startswith(b"354")
+        writer.write(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        lines = await _until_closed(reader, 5)
+        assert [line[:4] for line in lines] == [b"250 ", b"221 "]
+        assert len(store.stored) == 1
+        writer.close()
+    finally:
+        await listeners.stop(5)
+
+# Two transactions, one with a dot-stuffed line, then RSET, NOOP, QUIT: what a
+# pipelining client may send in one go (RFC 2920), and the reply codes it gets.
+PIPELINED = (
+    b"EHLO c.test\r\nMAIL FROM:<a@elsewhere.test>\r\nRCPT TO:<postmaster@example.test>\r\nDATA\r\n"
+    b"Subject: one\r\n\r\n..dot-stuffed\r\n.\r\n"
+    b"MAIL FROM:<b@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\nRCPT TO:<postmaster@example.test>\r\n"
+    b"DATA\r\nSubject: two\r\n\r\nbody\r\n.\r\nRSET\r\nNOOP\r\nQUIT\r\n"
+)
+PIPELINED_CODES = [b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"550", b"250", b"354", b"250",
+                   b"250", b"250", b"221"]
+
+
+async def _replies_to_pieces(tmp_path: Path, cuts: list[int]) -> tuple[list[bytes], list[NewMessage]]:
+    listeners, store, port = await _start(tmp_path, "")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        bounds = [0, *sorted(set(cuts)), len(PIPELINED)]
+        for start, end in itertools.pairwise(bounds):
+            writer.write(PIPELINED[start:end])
+            await writer.drain()
+            await asyncio.sleep(0.001)  # each piece its own read, most of the time
+        lines = await _until_closed(reader, 10)
+        writer.close()
+        return [line[:3] for line in lines if line[3:4] == b" "], store.stored
+    finally:
+        await listeners.stop(5)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(1, len(PIPELINED) - 1), max_size=12))
+def test_pipelined_input_cut_anywhere_gets_the_same_replies(tmp_path: Path, cuts: list[int]) -> None:
+    """The protocol core's property (tests/unit/smtp) through the session: commands are
+    answered in the transport's callback and the end of data in the task, and where the
+    bytes break must not change a reply or a stored message."""
+    codes, stored = asyncio.run(asyncio.wait_for(_replies_to_pieces(tmp_path, cuts), 30))
+    assert codes == PIPELINED_CODES
+    assert [m.sender for m in stored] == ["a@elsewhere.test", "b@elsewhere.test"]
+    first = stored[0].body
+    assert isinstance(first, InlineBody) and first.data.endswith(b"Subject: one\r\n\r\n.dot-stuffed\r\n")
