@@ -106,6 +106,8 @@ class Session:
         self._parked = False  # in _read: the client's bytes are handled by _on_input
         self._held: ev.Event | ev.Sentinel | None = None  # what _on_input left for the task
         self._fault: Exception | None = None  # what _on_input raised, for the task to raise
+        # How often a parked wait asks `_timeout()` again (a body's timeout may be the shorter).
+        self._check_every = min(self.config.smtp.idle_timeout, self.config.smtp.data_timeout)
 
     def _set_client(self, ip: str, port: int) -> None:
         """Who the client is: relay rules, AUTH on loopback, logs and Received all read this."""
@@ -179,12 +181,12 @@ class Session:
         self._write(conn.send(Reply(220, "", f"{self.config.hostname} ESMTP Gannet")))
         if early:  # SMTP bytes that arrived with the PROXY header
             conn.receive_data(early)
-        while not conn.closed:
+        while True:
             event = self._held if self._held is not None else self._pump()
             self._held = None
+            if conn.closed:  # a QUIT or a 421, answered here or in _on_input: we close first
+                return
             if event is ev.NEED_DATA:
-                if conn.closed:  # a QUIT (or the core's 421) answered in _pump: we close first
-                    return
                 if self._closing:
                     self._write(conn.close_with(R.R421_SHUTTING_DOWN))
                     return
@@ -213,8 +215,7 @@ class Session:
         (`_on_input`); False when the session is over (EOF is fed to the core)."""
         self._parked = True
         try:
-            smtp = self.config.smtp
-            await self.wire.park(self._on_input, self._timeout, min(smtp.idle_timeout, smtp.data_timeout))
+            await self.wire.park(self._on_input, self._timeout, self._check_every)
         except TimeoutError:
             timeout = self._timeout()
             log.info("session %s: idle timeout after %.0fs from %s", self.session_id, timeout, self.client)

@@ -104,24 +104,16 @@ class Wire(asyncio.Protocol):
     async def read(self, timeout: float) -> bytes:
         """All bytes received so far, waiting up to `timeout` seconds if there are
         none (TimeoutError then); b"" at EOF. For what comes before the session's
-        loop (a PROXY header); the loop itself parks."""
-        while not self._chunks:
-            if self._eof:
-                return b""
-            waiter = self._waiter = self.loop.create_future()
-            timer = self.loop.call_later(timeout, _expire, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
+        loop (a PROXY header); the loop itself parks with a receiver."""
+        await self.park(None, lambda: timeout, timeout)
         return self.take() or b""
 
     async def park(
-        self, receiver: Callable[[bytes], bool], timeout: Callable[[], float], check_every: float
+        self, receiver: Callable[[bytes], bool] | None, timeout: Callable[[], float], check_every: float
     ) -> None:
         """Wait while `receiver` takes the bytes that arrive, until it returns True
         (it wants the task), EOF, or no bytes for `timeout()` seconds (TimeoutError).
+        With no receiver, the first bytes end the wait (they are kept for `take()`).
         What the receiver does can change `timeout()` (a body waits longer than a
         command), so it is asked again at least every `check_every` seconds.
         Returns at once if bytes or EOF came while the task was busy: `take()` them."""
