@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Is a change faster? Two Gannet checkouts under the same smtp-source load, alternating in one run.
 
-    .venv/bin/python bench/ab.py TREE_A TREE_B [--mailauth [--b-off]] [--sessions 10] [--style many]
-                                 [--rounds 4] [--messages 10000]
+    .venv/bin/python bench/ab.py TREE_A TREE_B [--mailauth [--b-off] | --relay] [--sessions 10]
+                                 [--style many] [--rounds 4] [--messages 10000]
 
 TREE_A and TREE_B are checkouts of Gannet (e.g. `git worktree add /tmp/a HEAD~1`,
 or `git archive REV | tar -x -C DIR`); each run's Gannet imports its tree's
@@ -19,13 +19,15 @@ pairs taken minutes apart at most; the summary is each round's B/A and the
 rounds B won.
 
 Plain (default): accept.py's Gannet run (one recipient, 4 KiB, fsync before 250,
-Maildir delivery). `--mailauth`: accept_mailauth's, with the inbound checks on
-for both trees and one run of A with checks off each round, so that each
-tree's on/off (issue 4's figure) is printed too: both over A's checks-off
-run, which is right for a change to the checks and nothing else. A change
-that also moves the checks-off path (a faster session, say) makes B's on/off
-over A's off a false figure: `--b-off` runs B with checks off too, each
-round, and B's on/off is then over B's own (session 21: mypyc sped both up).
+Maildir delivery). `--relay`: relay.py's Gannet run (smtp-source → Gannet →
+smtp-sink, timed until the sink has them all; --style does not apply).
+`--mailauth`: accept_mailauth's, with the inbound checks on for both trees and
+one run of A with checks off each round, so that each tree's on/off (issue 4's
+figure) is printed too: both over A's checks-off run, which is right for a
+change to the checks and nothing else. A change that also moves the checks-off
+path (a faster session, say) makes B's on/off over A's off a false figure:
+`--b-off` runs B with checks off too, each round, and B's on/off is then over
+B's own (session 21: mypyc sped both up).
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ Runner = Callable[[bool], tuple[float, dict[str, float]]]
 def _runner(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) -> Runner:
     """A function running one Gannet (checks on or off) and returning its rate and CPU ms a
     message by process. For --mailauth, the DNS server it needs stays up until `stack` closes."""
+    if args.relay:
+        import relay
+
+        def relayed(_checks: bool) -> tuple[float, dict[str, float]]:
+            run = relay.run_once("gannet", args.sessions, args.messages, args.size, False, None)
+            return run.rate, {k: 1000 * v / args.messages for k, v in run.split.items()}
+
+        return relayed
     if not args.mailauth:
         import accept
 
@@ -74,6 +84,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trees", nargs=2, type=Path, metavar="TREE", help="two Gannet checkouts: A and B")
     parser.add_argument("--mailauth", action="store_true", help="inbound checks on (and A with them off)")
+    parser.add_argument("--relay", action="store_true", help="relay.py's run, to smtp-sink")
     parser.add_argument("--b-off", action="store_true", help="with --mailauth: B with checks off too")
     parser.add_argument("--sessions", type=int, default=10, help="smtp-source -s (default 10)")
     parser.add_argument(
@@ -88,6 +99,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.b_off and not args.mailauth:
         parser.error("--b-off is for --mailauth")
+    if args.relay and args.mailauth:
+        parser.error("--relay and --mailauth are separate runs")
     trees = [t.resolve() for t in args.trees]
     for tree in trees:
         if not (tree / "gannet" / "__init__.py").exists():
@@ -117,8 +130,12 @@ def main() -> int:
                 time.sleep(1)
     _common.remove(work, False)
     pairs = [b / a for a, b in zip(rates["A"], rates["B"], strict=True)]
-    what = "checks on" if args.mailauth else "plain"
-    print(f"\n{args.messages} messages a run, {args.sessions} sessions, {args.style} per connection, {what}")
+    if args.relay:
+        print(f"\n{args.messages} messages a run, {args.sessions} sessions, relayed to smtp-sink")
+    else:
+        what = "checks on" if args.mailauth else "plain"
+        style = f"{args.style} per connection"
+        print(f"\n{args.messages} messages a run, {args.sessions} sessions, {style}, {what}")
     print(f"A = {trees[0]}\nB = {trees[1]}\n")
     offs = [name for name in ("A off", "B off") if rates[name]]
     rows: list[list[object]] = [[name, *rates[name]] for name in offs]

@@ -347,10 +347,13 @@ class OutboundConnection(OutboundSession):
             return [reply], "DATA"
         self._during = "while sending the message body"
         core, wire = self._core, self._wire
-        async for piece in self._pieces(payload, crlf=False):
-            wire.write(core.send_body(piece))
-            await wire.drain(self._loop.time() + self.options.command_timeout)
-        wire.write(core.end_body())
+        if payload.data is not None:  # in memory: the content and its end in one write
+            wire.write(core.send_body(payload.data) + core.end_body())
+        else:
+            async for piece in self._pieces(payload, crlf=False):
+                wire.write(core.send_body(piece))
+                await wire.drain(self._loop.time() + self.options.command_timeout)
+            wire.write(core.end_body())
         self._body_sent = True
         if not self.options.lmtp:
             return [await self._next("end of data", self.options.data_timeout)], "end of data"
@@ -437,6 +440,10 @@ class OutboundConnection(OutboundSession):
         if leftover is not PAUSED or self._wire.has_input():  # an idle server spoke (421?) or closed
             self._abort()
             return False
+        if self._core.state is ClientState.GREETED:
+            # RFC 5321 §4.1.1.4: the reply to the end of data ended the transaction
+            # (so did a refused MAIL): the next MAIL needs no RSET in front.
+            return True
         if self.capabilities.pipelining:
             self._rset_pending = True  # sent in front of the next MAIL FROM (RFC 2920 §3.1)
             return True

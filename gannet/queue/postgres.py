@@ -51,7 +51,6 @@ import enum
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -79,6 +78,7 @@ from gannet.queue.model import (
 from gannet.queue.postgres_body_files import BodyFiles
 from gannet.queue.postgres_schema import migrate
 from gannet.queue.postgres_writer import EnqueueWriter, WriterStats
+from gannet.queue.prefetch import PREFETCH_BODY, Prefetched
 
 log = logging.getLogger("gannet.queue")
 T = TypeVar("T")
@@ -94,39 +94,8 @@ class Mode(enum.Enum):
 
 
 POOL_TIMEOUT = 10.0  # seconds to wait for a connection (the database is down or the pool exhausted)
-PREFETCH_BODY = 64 * 1024  # bodies up to this size come with their claim (one round trip fewer each)
-PREFETCH_BUDGET = 16 * 1024 * 1024  # at most this much prefetched content held, the oldest dropped first
 BODY_FILE_ABOVE = PREFETCH_BODY  # body_file copies larger bodies into files (postgres_body_files)
 BODY_FILES = "delivery"  # where, under the spool directory
-
-
-class Prefetched:
-    """Bodies that came with a claim, until read_body takes them (once each).
-
-    Bounded: past `budget` bytes the oldest go (read_body then reads the
-    database, as it would have anyway). A body never changes once stored, so
-    an entry is never stale; one whose message was deleted meanwhile is only
-    memory, and the delivery that reads it is fenced off at record."""
-
-    def __init__(self, budget: int) -> None:
-        self._budget = budget
-        self._bodies: OrderedDict[str, bytes] = OrderedDict()
-        self._bytes = 0
-
-    def keep(self, bodies: dict[str, bytes]) -> None:
-        for queue_id, data in bodies.items():
-            self.take(queue_id)
-            self._bodies[queue_id] = data
-            self._bytes += len(data)
-        while self._bytes > self._budget:
-            _qid, old = self._bodies.popitem(last=False)
-            self._bytes -= len(old)
-
-    def take(self, queue_id: str) -> bytes | None:
-        data = self._bodies.pop(queue_id, None)
-        if data is not None:
-            self._bytes -= len(data)
-        return data
 
 
 class PostgresStore:
@@ -161,7 +130,7 @@ class PostgresStore:
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] | None = None
         self._writer: EnqueueWriter | None = None
         self._stats = WriterStats()  # kept across close/open
-        self._prefetched = Prefetched(PREFETCH_BUDGET)
+        self._prefetched = Prefetched()
         self._body_files = BodyFiles(self.spool_dir / BODY_FILES)
 
     @property
@@ -318,8 +287,7 @@ class PostgresStore:
     ) -> list[str]:
         follow_ups = [await self._prepare(m) for m in enqueue]
         completed = await self._run(ops.record, self.node, tuple(outcomes), follow_ups)
-        for qid in completed:
-            self._prefetched.take(qid)
+        self._prefetched.forget(completed)
         await self._body_files.forget(completed)
         for p in follow_ups:
             if isinstance(p.message.body, SpooledBody):

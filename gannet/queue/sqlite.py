@@ -11,7 +11,8 @@ only connection and commits jobs in batches (group commit): while one batch
 is being fsync'd the next one gathers, so fifty sessions that finish DATA
 together cost a handful of fsyncs, not fifty. A method returns only after the
 COMMIT of its batch returned. Spooled body files are read in the default
-executor, never on the loop nor on the writer thread.
+executor, never on the loop nor on the writer thread. Small inline bodies
+come with their claim (queue/prefetch.py): read_body hands each out once.
 
 The server's store (`enqueue_process=True`) sends enqueues to a writer
 process of their own instead (sqlite_enqueue_process, sqlite_enqueue_child):
@@ -68,6 +69,7 @@ from gannet.queue.model import (
     TraceEvent,
     Transport,
 )
+from gannet.queue.prefetch import PREFETCH_BODY, Prefetched
 from gannet.queue.sqlite_enqueue_process import EnqueueProcess, WriterGone
 from gannet.queue.sqlite_reader import Reader
 from gannet.queue.sqlite_schema import connect
@@ -118,6 +120,7 @@ class SqliteStore:
         self._enqueuer: EnqueueProcess | None = None
         self._closing = False
         self._stats = WriterStats()  # kept across close/open
+        self._prefetched = Prefetched()
         # Reads off the writer thread and its lock (sqlite_reader), one Reader per kind:
         # READS (bodies, next due) never wait behind SCANS (the aggregate statistics).
         self._readers: dict[str, Reader] = {}
@@ -240,9 +243,15 @@ class SqliteStore:
         transport: Transport | None = None,
     ) -> list[Claim]:
         # A claim need not survive a power cut (the recipient is simply due again).
-        return await self._call(ops.claim_due, (now, limit, lease_seconds, owner, transport), durable=False)
+        args = (now, limit, lease_seconds, owner, transport, PREFETCH_BODY)
+        claims, bodies = await self._call(ops.claim_due, args, durable=False)
+        self._prefetched.keep(bodies)
+        return claims
 
     async def read_body(self, queue_id: str) -> bytes:
+        prefetched = self._prefetched.take(queue_id)
+        if prefetched is not None:  # came with its claim, a moment ago
+            return prefetched
         source = await self._read(recovery.body_source, self._ctx, queue_id)
         if isinstance(source, bytes):
             return source
@@ -270,7 +279,9 @@ class SqliteStore:
         for message in enqueue:
             if isinstance(message.body, SpooledBody):
                 ops.spool_name(self._ctx, message.body)
-        return await self._call(ops.record, (tuple(outcomes), tuple(enqueue)))
+        completed: list[str] = await self._call(ops.record, (tuple(outcomes), tuple(enqueue)))
+        self._prefetched.forget(completed)
+        return completed
 
     async def next_due(self, transport: Transport | None = None) -> float | None:
         return await self._read(ops.next_due, transport)
@@ -319,6 +330,7 @@ class SqliteStore:
         return await self._call(admin_ops.retry, (queue_id, now))
 
     async def delete(self, queue_id: str, now: float) -> None:
+        self._prefetched.take(queue_id)
         await self._call(admin_ops.delete, (queue_id, now))
 
     async def queue_stats(self) -> QueueStats:

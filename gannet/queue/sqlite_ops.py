@@ -239,18 +239,29 @@ _LEASE = """
     WHERE id = ?
 """
 
-ClaimArgs = tuple[float, int, float, str, Transport | None]
+ClaimArgs = tuple[float, int, float, str, Transport | None, int]
+_INLINE_BODIES = "SELECT queue_id, data FROM bodies WHERE queue_id IN ({marks})"
 
 
-def claim_due(ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: ClaimArgs) -> list[Claim]:
-    now, limit, lease_seconds, owner, transport = arg
+def claim_due(
+    ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: ClaimArgs
+) -> tuple[list[Claim], dict[str, bytes]]:
+    """The claims, and the inline bodies of those up to `prefetch` bytes: read
+    here, in the claim's transaction, the delivery that follows needs no hop to
+    a reader thread per message (queue/prefetch.py)."""
+    now, limit, lease_seconds, owner, transport, prefetch = arg
     if limit <= 0:
-        return []
+        return [], {}
     if transport is None:
         rows = conn.execute(CLAIM_SQL, (now, limit)).fetchall()
     else:
         rows = conn.execute(CLAIM_BY_TRANSPORT_SQL, (transport.value, now, limit)).fetchall()
-    return _lease(conn, rows, now + lease_seconds, owner)
+    claims = _lease(conn, rows, now + lease_seconds, owner)
+    bodies: dict[str, bytes] = {}
+    for chunk in _chunks([c.queue_id for c in claims if c.size <= prefetch]):
+        # Spooled bodies have no `bodies` row: they stay where they are.
+        bodies.update(conn.execute(_INLINE_BODIES.format(marks=_marks(len(chunk))), tuple(chunk)))
+    return claims, bodies
 
 
 # The sweep's claim: unfinished, unparked recipients of messages received before

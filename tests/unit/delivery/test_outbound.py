@@ -342,8 +342,8 @@ async def test_pipelined_delivery_in_one_write_and_reuse(fake: Fake) -> None:
     await conn.close()  # idempotent
     assert not conn.usable
     assert server.messages == [MESSAGE] * 3
-    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA",
-                              *["RSET", "MAIL", "RCPT", "RCPT", "DATA"] * 2, "QUIT"]
+    # RFC 5321 §4.1.1.4: each end of data ended its transaction, so no RSET in between.
+    assert server.verbs() == ["EHLO", *["MAIL", "RCPT", "RCPT", "DATA"] * 3, "QUIT"]
     assert server.commands[1] == f"MAIL FROM:<sender@remote.test> SIZE={len(MESSAGE)}"
 
 
@@ -353,7 +353,7 @@ async def test_one_command_at_a_time_without_pipelining(fake: Fake) -> None:
         results = await conn.send_message(envelope("a@y.test", "b@y.test"), MESSAGE)
         assert codes(results) == [(250, "end of data")] * 2
         assert await conn.reset()
-        assert server.verbs()[-1] == "RSET"  # without PIPELINING a real RSET, answered
+        assert server.verbs()[-1] == "DATA"  # the transaction ended: no RSET, not even a real one
         await conn.send_message(envelope("c@y.test"), b"Subject: no final newline")
     assert server.messages == [MESSAGE, b"Subject: no final newline\r\n"]
     assert server.commands[1] == "MAIL FROM:<sender@remote.test>"  # no SIZE: not advertised
@@ -386,7 +386,8 @@ async def test_no_recipient_accepted_then_reuse(fake: Fake, data_reply: bytes | 
     assert codes(await conn.send_message(envelope(), MESSAGE)) == [(250, "end of data")]
     await conn.close()
     assert server.messages == ([b""] if data_reply else []) + [MESSAGE]
-    assert server.verbs()[-5:] == ["RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+    # A refused DATA leaves the transaction open (RSET ends it); an empty message ended it.
+    assert server.verbs()[-5:] == ["DATA" if data_reply else "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
 
 
 async def test_no_recipient_accepted_without_pipelining_sends_no_data(fake: Fake) -> None:

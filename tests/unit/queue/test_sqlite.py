@@ -32,6 +32,7 @@ from gannet.queue.model import (
     SpooledBody,
     Transport,
 )
+from gannet.queue.prefetch import PREFETCH_BODY
 from gannet.queue.sqlite import SqliteStore
 from gannet.queue.sqlite_schema import SCHEMA_VERSION
 
@@ -92,6 +93,23 @@ async def test_body_file_names_spooled_bodies_only(store: SqliteStore, tmp_path:
     assert await store.body_file(inline.queue_id) is None
     path = await store.body_file(big.queue_id)
     assert path is not None and path.read_bytes() == await store.read_body(big.queue_id)
+
+
+async def test_a_small_body_comes_with_its_claim_and_is_handed_out_once(store: SqliteStore) -> None:
+    """queue/prefetch.py: read in the claim's transaction, not by a reader thread per message."""
+    small, large = message(b"small\r\n"), message(b"L" * (PREFETCH_BODY + 1))
+    await store.enqueue(small)
+    await store.enqueue(large)
+    claims = await store.claim_due(T0, limit=10, lease_seconds=60, owner="w")
+    assert {c.queue_id for c in claims} == {small.queue_id, large.queue_id}
+
+    def rewrite(conn: sqlite3.Connection) -> None:  # a probe only: a stored body never changes
+        conn.execute("UPDATE bodies SET data = ?", (b"changed\r\n",))
+
+    await store.testing_call(rewrite)
+    assert await store.read_body(small.queue_id) == b"small\r\n"  # from the claim
+    assert await store.read_body(small.queue_id) == b"changed\r\n"  # taken once: then the database
+    assert await store.read_body(large.queue_id) == b"changed\r\n"  # too large to come along
 
 
 async def test_two_stores_on_one_database_take_turns_without_busy_errors(tmp_path: Path) -> None:
@@ -455,6 +473,7 @@ import asyncio, os, sys
 from pathlib import Path
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, SpooledBody, Transport
+from gannet.queue.prefetch import PREFETCH_BODY
 from gannet.queue.sqlite import SqliteStore
 
 async def main(db, spool, writer):
