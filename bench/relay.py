@@ -6,8 +6,8 @@ MESSAGES messages of 4 KiB with one recipient (``bench@sink.test``, a domain
 that is not its own) to Postfix's smtp-sink on 127.0.0.3, its smarthost:
 
 - Gannet: ``[relay] smarthost = "127.0.0.3:PORT"``; 250 only after the queue
-  commit is fsync'd; outbound connections reused (RSET between messages),
-  PIPELINING; its default limits (20 connections per destination);
+  commit is fsync'd; outbound connections reused (an RSET only after a
+  transaction left open), PIPELINING; its default limits (20 connections per destination);
 - Postfix 3.7: ``relayhost = [127.0.0.3]:PORT``, defaults otherwise (cleanup
   fsyncs the queue file before 250; smtp(8) with its connection cache,
   20 connections per destination).

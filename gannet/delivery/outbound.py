@@ -5,7 +5,8 @@ The module callers import. `OutboundConnection` is an `OutboundSession`
 QUIT, the reply loop, how failures become SessionFailure) over a `Wire`
 (outbound_wire.py: the bytes, deadlines, the TLS handshake). This module
 owns the transactions: MAIL, RCPT, DATA or BDAT, with one result per
-recipient, and RSET between messages. The scheduler (delivery/scheduler.py)
+recipient, and an RSET before the next message only when the last left a
+transaction open. The scheduler (delivery/scheduler.py)
 owns routing, retries, the queue and the connection cache; this only talks.
 
     conn = await OutboundConnection.open(hop_host, address, port, options)  # or open_unix(path, options)
@@ -37,9 +38,15 @@ Decisions (RFC sections at the code):
 - Timeouts: command_timeout for each reply and for each 1 MiB piece of the
   body to drain; data_timeout for the reply to the end of the content
   (RFC 5321 §4.5.3.2.6).
-- reset() with PIPELINING checks that the idle connection is still quiet and
-  open, and pipelines the RSET in front of the next MAIL FROM (RFC 2920 §3.1)
-  instead of spending a round trip; without PIPELINING it is a plain RSET.
+- reset() checks that the idle connection is still quiet and open. After a
+  transaction that ended (the reply to the end of data, or a refused MAIL)
+  it sends nothing: RFC 5321 §4.1.1.4 says the end of data clears the
+  server's state, and an RSET per message cost both ends a command and a
+  reply to parse. After one left open (recipients all refused, DATA
+  refused) it pipelines an RSET in front of the next MAIL FROM (RFC 2920
+  §3.1) instead of spending a round trip; without PIPELINING it is a plain
+  RSET.
+- An in-memory body goes out with its end of data in one write.
 
 Invariants: send_message() raises nothing but SessionFailure (and
 CancelledError, after aborting the connection); a SessionFailure or a 421
@@ -174,6 +181,9 @@ class OutboundConnection(OutboundSession):
     ) -> None:
         super().__init__(wire, options, hop_host, label, loopback)
         self._rset_pending = False  # reset() deferred the RSET into the next write (PIPELINING)
+        # A transaction was begun and not seen to end (a final reply to the end of
+        # data, or a refused MAIL): reset() then sends an RSET whatever the core's state.
+        self._unfinished = False
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -264,6 +274,7 @@ class OutboundConnection(OutboundSession):
         rcpts = [RcptTo(r.address, notify=r.notify, orcpt=r.orcpt) for r in envelope.recipients]
         need_rset = self._rset_pending or core.state is not ClientState.GREETED
         self._rset_pending = False
+        self._unfinished = True
         early = pipelining and chunking and payload.data is not None and len(payload.data) <= EARLY_BDAT_LIMIT
         data_sent = pipelining and not chunking
         if pipelining:  # RFC 2920 §3.1: RSET, MAIL, every RCPT and DATA (or the BDAT LAST) in one write
@@ -293,6 +304,7 @@ class OutboundConnection(OutboundSession):
         if not mail_reply.is_positive:
             results = [RecipientResult(mail_reply, "MAIL FROM")] * len(rcpts)
             await self._abandon(early, data_sent)
+            self._unfinished = False  # no transaction was begun
             return results
         results = [RecipientResult(reply, "RCPT TO") for reply in rcpt_replies]
         accepted = [i for i, reply in enumerate(rcpt_replies) if reply.is_positive]
@@ -311,6 +323,7 @@ class OutboundConnection(OutboundSession):
             replies, stage = await self._data(payload, data_sent, len(accepted))
         for n, i in enumerate(accepted):
             results[i] = RecipientResult(replies[min(n, len(replies) - 1)], stage)
+        self._unfinished = stage != "end of data"  # RFC 5321 §4.1.1.4: its reply ends the transaction
         return results
 
     async def _expect_rset(self) -> None:
@@ -440,9 +453,9 @@ class OutboundConnection(OutboundSession):
         if leftover is not PAUSED or self._wire.has_input():  # an idle server spoke (421?) or closed
             self._abort()
             return False
-        if self._core.state is ClientState.GREETED:
+        if not self._unfinished and self._core.state is ClientState.GREETED:
             # RFC 5321 §4.1.1.4: the reply to the end of data ended the transaction
-            # (so did a refused MAIL): the next MAIL needs no RSET in front.
+            # (a refused MAIL began none): the next MAIL needs no RSET in front.
             return True
         if self.capabilities.pipelining:
             self._rset_pending = True  # sent in front of the next MAIL FROM (RFC 2920 §3.1)

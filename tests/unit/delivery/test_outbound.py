@@ -386,8 +386,8 @@ async def test_no_recipient_accepted_then_reuse(fake: Fake, data_reply: bytes | 
     assert codes(await conn.send_message(envelope(), MESSAGE)) == [(250, "end of data")]
     await conn.close()
     assert server.messages == ([b""] if data_reply else []) + [MESSAGE]
-    # A refused DATA leaves the transaction open (RSET ends it); an empty message ended it.
-    assert server.verbs()[-5:] == ["DATA" if data_reply else "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+    # No transaction of ours ended with a reply to its content: an RSET before the next.
+    assert server.verbs()[-5:] == ["RSET", "MAIL", "RCPT", "DATA", "QUIT"]
 
 
 async def test_no_recipient_accepted_without_pipelining_sends_no_data(fake: Fake) -> None:
@@ -804,10 +804,22 @@ async def test_large_spooled_body_streams(fake: Fake, tmp_path: Path, ehlo: tupl
 async def test_bdat_chunk_refused(fake: Fake, tmp_path: Path) -> None:
     spooled = tmp_path / "body"
     spooled.write_bytes(big_body(1_500_000))
-    _server, port = await fake(ehlo=("CHUNKING",), replies={"BDAT": [b"552 5.3.4 too big\r\n"]})
+    server, port = await fake(ehlo=("CHUNKING",), replies={"BDAT": [b"552 5.3.4 too big\r\n"]})
     async with await connect(port) as conn:
         assert codes(await conn.send_message(envelope(), spooled)) == [(552, "BDAT")]
         assert await conn.reset()
+        # Whether a refused chunk ended the server's transaction is the server's to say: RSET.
+        assert server.verbs()[-1] == "RSET"
+
+
+async def test_no_rset_after_a_refused_end_of_data(fake: Fake) -> None:
+    """RFC 5321 §4.1.1.4: the reply to the end of data, 5xx too, ends the transaction."""
+    server, port = await fake(replies={".": [b"554 5.7.1 spam\r\n"]})
+    async with await connect(port) as conn:
+        assert codes(await conn.send_message(envelope(), MESSAGE)) == [(554, "end of data")]
+        assert await conn.reset()
+        assert codes(await conn.send_message(envelope(), MESSAGE)) == [(250, "end of data")]
+    assert "RSET" not in server.verbs()
 
 
 async def test_spooled_body_that_is_gone(fake: Fake, tmp_path: Path) -> None:
