@@ -12,6 +12,9 @@ from collections import OrderedDict
 
 PREFETCH_BODY = 64 * 1024  # bodies up to this size come with their claim
 PREFETCH_BUDGET = 16 * 1024 * 1024  # at most this much prefetched content held, the oldest dropped first
+# SQLite reads them inside the claim's transaction, under the write lock the
+# sessions' commits wait for: at most this much a claim (the rest is read later).
+PREFETCH_PER_CLAIM = 1024 * 1024
 
 
 class Prefetched:

@@ -69,7 +69,7 @@ from gannet.queue.model import (
     TraceEvent,
     Transport,
 )
-from gannet.queue.prefetch import PREFETCH_BODY, Prefetched
+from gannet.queue.prefetch import PREFETCH_BODY, PREFETCH_PER_CLAIM, Prefetched
 from gannet.queue.sqlite_enqueue_process import EnqueueProcess, WriterGone
 from gannet.queue.sqlite_reader import Reader
 from gannet.queue.sqlite_schema import connect
@@ -243,7 +243,7 @@ class SqliteStore:
         transport: Transport | None = None,
     ) -> list[Claim]:
         # A claim need not survive a power cut (the recipient is simply due again).
-        args = (now, limit, lease_seconds, owner, transport, PREFETCH_BODY)
+        args = (now, limit, lease_seconds, owner, transport, PREFETCH_BODY, PREFETCH_PER_CLAIM)
         claims, bodies = await self._call(ops.claim_due, args, durable=False)
         self._prefetched.keep(bodies)
         return claims

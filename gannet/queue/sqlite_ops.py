@@ -239,17 +239,18 @@ _LEASE = """
     WHERE id = ?
 """
 
-ClaimArgs = tuple[float, int, float, str, Transport | None, int]
+ClaimArgs = tuple[float, int, float, str, Transport | None, int, int]
 _INLINE_BODIES = "SELECT queue_id, data FROM bodies WHERE queue_id IN ({marks})"
 
 
 def claim_due(
     ctx: Ctx, conn: sqlite3.Connection, txn: Txn, arg: ClaimArgs
 ) -> tuple[list[Claim], dict[str, bytes]]:
-    """The claims, and the inline bodies of those up to `prefetch` bytes: read
-    here, in the claim's transaction, the delivery that follows needs no hop to
-    a reader thread per message (queue/prefetch.py)."""
-    now, limit, lease_seconds, owner, transport, prefetch = arg
+    """The claims, and the inline bodies of those up to `prefetch` bytes each,
+    `prefetch_total` in all (oldest due first): read here, in the claim's
+    transaction, the delivery that follows needs no hop to a reader thread
+    per message (queue/prefetch.py)."""
+    now, limit, lease_seconds, owner, transport, prefetch, prefetch_total = arg
     if limit <= 0:
         return [], {}
     if transport is None:
@@ -257,8 +258,13 @@ def claim_due(
     else:
         rows = conn.execute(CLAIM_BY_TRANSPORT_SQL, (transport.value, now, limit)).fetchall()
     claims = _lease(conn, rows, now + lease_seconds, owner)
+    wanted: list[str] = []
+    for claim in claims:
+        if claim.size <= min(prefetch, prefetch_total):
+            wanted.append(claim.queue_id)
+            prefetch_total -= claim.size
     bodies: dict[str, bytes] = {}
-    for chunk in _chunks([c.queue_id for c in claims if c.size <= prefetch]):
+    for chunk in _chunks(wanted):
         # Spooled bodies have no `bodies` row: they stay where they are.
         bodies.update(conn.execute(_INLINE_BODIES.format(marks=_marks(len(chunk))), tuple(chunk)))
     return claims, bodies

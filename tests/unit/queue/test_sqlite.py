@@ -32,7 +32,7 @@ from gannet.queue.model import (
     SpooledBody,
     Transport,
 )
-from gannet.queue.prefetch import PREFETCH_BODY
+from gannet.queue.prefetch import PREFETCH_BODY, PREFETCH_PER_CLAIM
 from gannet.queue.sqlite import SqliteStore
 from gannet.queue.sqlite_schema import SCHEMA_VERSION
 
@@ -110,6 +110,19 @@ async def test_a_small_body_comes_with_its_claim_and_is_handed_out_once(store: S
     assert await store.read_body(small.queue_id) == b"small\r\n"  # from the claim
     assert await store.read_body(small.queue_id) == b"changed\r\n"  # taken once: then the database
     assert await store.read_body(large.queue_id) == b"changed\r\n"  # too large to come along
+
+
+async def test_a_claim_brings_at_most_its_share_of_bodies(store: SqliteStore) -> None:
+    """The bodies are read under the write lock: PREFETCH_PER_CLAIM bounds how much."""
+    size = PREFETCH_BODY
+    messages = [message(bytes([65 + i]) * size) for i in range(PREFETCH_PER_CLAIM // size + 3)]
+    for m in messages:
+        await store.enqueue(m)
+    await store.claim_due(T0, limit=100, lease_seconds=60, owner="w")
+    held = sum(1 for m in messages if store._prefetched.take(m.queue_id) is not None)
+    assert held == PREFETCH_PER_CLAIM // size
+    for m in messages:  # the rest from the database, as before
+        assert await store.read_body(m.queue_id) == m.body.data  # type: ignore[union-attr]
 
 
 async def test_two_stores_on_one_database_take_turns_without_busy_errors(tmp_path: Path) -> None:
@@ -473,7 +486,7 @@ import asyncio, os, sys
 from pathlib import Path
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, SpooledBody, Transport
-from gannet.queue.prefetch import PREFETCH_BODY
+from gannet.queue.prefetch import PREFETCH_BODY, PREFETCH_PER_CLAIM
 from gannet.queue.sqlite import SqliteStore
 
 async def main(db, spool, writer):
