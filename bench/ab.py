@@ -49,19 +49,16 @@ Runner = Callable[[bool], tuple[float, dict[str, float]]]
 def _runner(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) -> Runner:
     """A function running one Gannet (checks on or off) and returning its rate and CPU ms a
     message by process. For --mailauth, the DNS server it needs stays up until `stack` closes."""
-    if args.relay:
+    if args.relay or not args.mailauth:
+        import accept
         import relay
 
-        def relayed(_checks: bool) -> tuple[float, dict[str, float]]:
-            run = relay.run_once("gannet", args.sessions, args.messages, args.size, False, None)
-            return run.rate, {k: 1000 * v / args.messages for k, v in run.split.items()}
-
-        return relayed
-    if not args.mailauth:
-        import accept
-
         def plain(_checks: bool) -> tuple[float, dict[str, float]]:
-            run = accept.run_once("gannet", args.sessions, args.style, args.messages, args.size, False)
+            run: accept.Run | relay.Run
+            if args.relay:
+                run = relay.run_once("gannet", args.sessions, args.messages, args.size, False, None)
+            else:
+                run = accept.run_once("gannet", args.sessions, args.style, args.messages, args.size, False)
             return run.rate, {k: 1000 * v / args.messages for k, v in run.split.items()}
 
         return plain

@@ -46,7 +46,8 @@ Decisions (RFC sections at the code):
   refused) it pipelines an RSET in front of the next MAIL FROM (RFC 2920
   §3.1) instead of spending a round trip; without PIPELINING it is a plain
   RSET.
-- An in-memory body goes out with its end of data in one write.
+- The body's last piece (an in-memory body is one) goes out with the end of
+  data in one write.
 
 Invariants: send_message() raises nothing but SessionFailure (and
 CancelledError, after aborting the connection); a SessionFailure or a 421
@@ -360,13 +361,13 @@ class OutboundConnection(OutboundSession):
             return [reply], "DATA"
         self._during = "while sending the message body"
         core, wire = self._core, self._wire
-        if payload.data is not None:  # in memory: the content and its end in one write
-            wire.write(core.send_body(payload.data) + core.end_body())
-        else:
-            async for piece in self._pieces(payload, crlf=False):
-                wire.write(core.send_body(piece))
+        last = b""  # held back, to go out with the end of data in one write
+        async for piece in self._pieces(payload, crlf=False):
+            if last:
+                wire.write(core.send_body(last))
                 await wire.drain(self._loop.time() + self.options.command_timeout)
-            wire.write(core.end_body())
+            last = piece
+        wire.write(core.send_body(last) + core.end_body())
         self._body_sent = True
         if not self.options.lmtp:
             return [await self._next("end of data", self.options.data_timeout)], "end of data"
