@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import resource
 import shutil
 import signal
@@ -267,6 +268,33 @@ def split_text(split: dict[str, float], messages: int) -> str:
     """'server 0.72, enqueue writer 0.41, …': `cpu_by_process`'s seconds as ms a message, largest first."""
     ordered = sorted(split.items(), key=lambda kv: -kv[1])
     return ", ".join(f"{name} {1000 * seconds / messages:.2f}" for name, seconds in ordered if seconds > 0)
+
+
+_WRITE_LOCK = re.compile(
+    r"(server|delivery worker) queue writer: .*? waits for the other process \(([\d.]+)s\), "
+    r"held the write lock ([\d.]+)s"
+)
+
+
+def write_lock(log_text: str) -> dict[str, tuple[float, float]]:
+    """From Gannet's log after it stopped (the writers' shutdown summaries, SQLite
+    queue): {"server" | "delivery worker": (seconds holding the queue's write lock,
+    seconds waiting for it)}; the last summary of each. The server's counts its
+    enqueue writer process's."""
+    found: dict[str, tuple[float, float]] = {}
+    for role, waited, held in _WRITE_LOCK.findall(log_text):
+        found[role] = (float(held), float(waited))
+    return found
+
+
+def write_lock_text(lock: dict[str, tuple[float, float]], seconds: float) -> str:
+    """'held 74 % of the run (server 46 %, delivery worker 28 %); waited for it: server 2.8 s, …'."""
+    if not lock or seconds <= 0:
+        return "not in the log"
+    share = {role: 100 * held / seconds for role, (held, _) in lock.items()}
+    held_text = ", ".join(f"{role} {pct:.0f} %" for role, pct in share.items())
+    waits = ", ".join(f"{role} {waited:.1f} s" for role, (_, waited) in lock.items())
+    return f"held {sum(share.values()):.0f} % of the run ({held_text}); waited for it: {waits}"
 
 
 def children_cpu() -> float:

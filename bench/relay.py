@@ -20,7 +20,11 @@ Reported per run:
   bench/accept.py for how each server's CPU is summed);
 - rate G/P and CPU G/P: Gannet ÷ Postfix;
 - under the table, Gannet's CPU by process over the whole run (server,
-  enqueue writer, delivery worker), per message, for the median run.
+  enqueue writer, delivery worker), per message, for the median run;
+- with the SQLite queue, the share of the run its write lock was held, by
+  the server's commits (its enqueue writer) and the delivery worker's, and
+  how long each waited for it (from the writers' shutdown lines in
+  gannet.log).
 smtp-source and smtp-sink run on the same 2 cores and take their share.
 ``--profile DIR`` samples Gannet's processes with py-spy (see accept.py).
 """
@@ -50,6 +54,7 @@ class Run:
     accept: float = 0.0
     cpu: float = 0.0
     split: dict[str, float] = field(default_factory=dict)  # Gannet's CPU seconds by process
+    lock: dict[str, tuple[float, float]] = field(default_factory=dict)  # _common.write_lock
 
     @property
     def rate(self) -> float:
@@ -97,6 +102,8 @@ def run_once(server: str, sessions: int, messages: int, size: int, keep: bool, p
                 p.stop()
                 print(p.summary(), file=sys.stderr)
             stop()
+        if server == "gannet":
+            run.lock = _common.write_lock(g.log_text(since_start=True))
     finally:
         sink.stop()
         _common.remove(work, keep)
@@ -158,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\nGannet's CPU ms/msg over the whole run, by process (the median run):")
         for n, r in splits:
             print(f"  {n} sessions: {_common.split_text(r.split, r.messages)}")
+        if any(r.lock for _, r in splits):  # SQLite: the one lock the server's and worker's commits share
+            print("The queue's write lock, over Gannet's whole life in the median run:")
+            for n, r in splits:
+                print(f"  {n} sessions: {_common.write_lock_text(r.lock, r.total)}")
     return 0
 
 

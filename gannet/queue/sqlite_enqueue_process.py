@@ -230,7 +230,7 @@ class EnqueueProcess:
         for name, value in zip(wire.STAT_FIELDS, reply.stats, strict=True):
             if name == "max_batch":
                 stats.max_batch = max(stats.max_batch, int(value))
-            elif name == "cpu_seconds":
-                stats.cpu_seconds += value
+            elif name.endswith("_seconds"):
+                setattr(stats, name, getattr(stats, name) + value)
             else:
                 setattr(stats, name, getattr(stats, name) + int(value))

@@ -44,6 +44,8 @@ STAT_FIELDS = (
     "failed_commits",
     "unsynced_commits",
     "lock_waits",
+    "lock_wait_seconds",
+    "lock_held_seconds",
     "cpu_seconds",
     "direct_messages",
     "direct_groups",

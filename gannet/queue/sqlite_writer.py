@@ -73,6 +73,10 @@ class WriterStats:
     failed_commits: int = 0
     unsynced_commits: int = 0  # commits made without fsync (claims only; see Job.durable)
     lock_waits: int = 0  # transactions that waited for another process's writer
+    # Wall time spent waiting for the write lock, and holding it: the lock is the one
+    # place the server's commits and the delivery worker's meet (bench/README.md, session 26).
+    lock_wait_seconds: float = 0.0
+    lock_held_seconds: float = 0.0
     cpu_seconds: float = 0.0  # writer-thread CPU time spent in batches
     # Messages the enqueue process wrote whole into their Maildirs before its reply, never
     # queued (delivery/local_direct.py), and the groups it wrote them in: none of the above.
@@ -83,7 +87,8 @@ class WriterStats:
         """One line for the log at shutdown."""
         line = (
             f"{self.commits} commits ({self.unsynced_commits} without fsync) for {self.jobs} requests, "
-            f"{self.lock_waits} waits for the other process, {self.failed_commits} failed, "
+            f"{self.lock_waits} waits for the other process ({self.lock_wait_seconds:.1f}s), "
+            f"held the write lock {self.lock_held_seconds:.1f}s, {self.failed_commits} failed, "
             f"{self.cpu_seconds:.1f}s CPU"
         )
         if self.direct_messages:
@@ -318,15 +323,20 @@ class Writer:
         if fd < 0:
             yield
             return
+        stats = self.stats
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.stats.lock_waits += 1
+            stats.lock_waits += 1
+            waiting = time.perf_counter()
             fcntl.flock(fd, fcntl.LOCK_EX)
+            stats.lock_wait_seconds += time.perf_counter() - waiting
+        taken = time.perf_counter()
         try:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
+            stats.lock_held_seconds += time.perf_counter() - taken
 
     def _set_durability(self, conn: sqlite3.Connection, full: bool) -> None:
         """PRAGMA synchronous can only change between transactions: set it before BEGIN."""

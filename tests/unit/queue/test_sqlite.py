@@ -135,7 +135,8 @@ async def test_two_stores_on_one_database_take_turns_without_busy_errors(tmp_pat
     try:
         # Count b's waits from here on: only the wait for the transaction held
         # below is this test's (b's own open() may meet a's last moments).
-        waits_before = b.stats.lock_waits
+        waits_before, waited_before = b.stats.lock_waits, b.stats.lock_wait_seconds
+        held_before = a.stats.lock_held_seconds
         gate, held = await occupy_writer(a)  # a's writer is inside a transaction
         waiting = asyncio.ensure_future(b.enqueue(message()))
         await asyncio.sleep(0.2)
@@ -144,6 +145,10 @@ async def test_two_stores_on_one_database_take_turns_without_busy_errors(tmp_pat
         await held
         await asyncio.wait_for(waiting, 10)
         assert b.stats.lock_waits == waits_before + 1, "b waited on the process lock, not in SQLite's"
+        # The lock's clocks (the shutdown summary's): a held it across the 0.2 s above,
+        # and b's wait for it was counted.
+        assert a.stats.lock_held_seconds - held_before >= 0.2
+        assert b.stats.lock_wait_seconds > waited_before
         assert len(await a.list_messages()) == 1
     finally:
         await b.close()

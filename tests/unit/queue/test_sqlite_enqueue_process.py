@@ -82,6 +82,7 @@ async def test_enqueues_run_in_the_child_and_its_commits_are_counted_here(pstore
     await asyncio.gather(*(pstore.enqueue(m) for m in sent))
     assert child.answered == 25
     assert pstore.stats.jobs >= 25 and pstore.stats.commits >= 1  # the child's counters, merged
+    assert pstore.stats.lock_held_seconds > 0  # its commits held the write lock (a float, merged)
     views = {v.queue_id: v for v in await pstore.list_messages()}
     assert set(views) == {m.queue_id for m in sent}
     for m in sent:
