@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, r in splits:
             print(f"  {n} sessions: {_common.split_text(r.split, r.messages)}")
         if any(r.lock for _, r in splits):  # SQLite: the one lock the server's and worker's commits share
-            print("The queue's write lock, over Gannet's whole life in the median run:")
+            print("The queue's write lock in the median run (its seconds over Gannet's life,"
+                  " as a share of the run's time):")
             for n, r in splits:
                 print(f"  {n} sessions: {_common.write_lock_text(r.lock, r.total)}")
     return 0

@@ -84,7 +84,7 @@ class WriterStats:
     direct_groups: int = 0
 
     def summary(self) -> str:
-        """One line for the log at shutdown."""
+        """One line for the log at shutdown (bench/_common.write_lock reads the lock's figures from it)."""
         line = (
             f"{self.commits} commits ({self.unsynced_commits} without fsync) for {self.jobs} requests, "
             f"{self.lock_waits} waits for the other process ({self.lock_wait_seconds:.1f}s), "
