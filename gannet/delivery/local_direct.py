@@ -7,7 +7,7 @@ its history and its summary for `gannet trace`, written after the answer.
 Why: queued first, a local message costs the queue an fsync'd commit of its
 body and recipients, a lease, and a second fsync'd commit to record the
 delivery and delete the rows, besides its Maildir file. Written here, it
-costs its Maildir file, the two syncfs of a batch, and the rows of its trace
+costs its Maildir file, its batch's syncfs, and the rows of its trace
 (recorded together, without fsync). Measured (bench/README.md, "Session 16";
 10 sessions, one message per connection): the enqueue writer's CPU a message
 0.49-0.51 → 0.38-0.41 ms, Gannet's in all 1.24-1.28 → 1.14-1.21 ms, the disk
@@ -21,10 +21,17 @@ so is every recipient whose file could not be written or whose mailbox name is
 no path (the delivery loop retries it, or fails it with a DSN): the caller
 enqueues the message with those recipients only.
 
-Invariants: a message is answered as delivered only after `write_and_commit`
-returned its file's path in new/ for every recipient (data and name durable:
-syncfs, rename, syncfs). A crash before that leaves the client without a 250:
-it sends again, and a file already renamed is a duplicate, never a loss.
+How a batch is made durable: with the writer's rename journal
+(delivery/maildir_journal.py), one syncfs for the files' data and their
+journal lines before the answer, the renames into new/ made durable by a
+later one (or, after a crash, by the journal's replay); without it, or for
+Maildirs on another filesystem, two syncfs (data, renames) before the answer.
+
+Invariants: a message is answered as delivered only once every recipient's
+file is in new/ and either that rename is durable or the file's data and
+journal line are (so a lost rename is redone at the next start). A crash
+before that leaves the client without a 250: it sends again, and a file
+already renamed is a duplicate, never a loss.
 
 Never: touch the database (the writer does, after answering), or answer for a
 message with a recipient neither written nor handed back to be queued.
@@ -33,6 +40,7 @@ message with a recipient neither written nor handed back to be queued.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +48,8 @@ from pathlib import Path
 
 from gannet import maillog
 from gannet.delivery.local import RELAY, write_and_commit
-from gannet.delivery.maildir import maildir_path, to_lf
+from gannet.delivery.maildir import commit_batch, maildir_path, stage_checked, to_lf
+from gannet.delivery.maildir_journal import RenameJournal
 from gannet.delivery.outcome_log import log_outcome
 from gannet.queue.model import Delivered, InlineBody, NewMessage, NewRecipient, Transport
 from gannet.queue.sqlite_enqueue_wire import Request
@@ -92,9 +101,12 @@ def _wants_success(rcpt: NewRecipient) -> bool:
     return rcpt.notify is not None and bool(rcpt.notify & Notify.SUCCESS.value)
 
 
-def deliver(maildir_template: str, group: Sequence[Request]) -> tuple[list[Written], list[Request]]:
+def deliver(
+    maildir_template: str, group: Sequence[Request], journal: RenameJournal | None = None
+) -> tuple[list[Written], list[Request]]:
     """Write the files of the messages of `group` that this module takes, in
-    batches of at most PIECE body bytes (blocks: file I/O, two syncfs a batch).
+    batches of at most PIECE body bytes (blocks: file I/O, and a syncfs a batch
+    with `journal` for the files on its filesystem, two otherwise).
     Returns those messages, and the requests it did not take, untouched."""
     taken: list[Written] = []
     rest: list[Request] = []
@@ -107,16 +119,16 @@ def deliver(maildir_template: str, group: Sequence[Request]) -> tuple[list[Writt
     held = 0
     for written in taken:
         if piece and held + written.message.body.size > PIECE:
-            _write(maildir_template, piece)
+            _write(maildir_template, piece, journal)
             piece, held = [], 0
         piece.append(written)
         held += written.message.body.size
     if piece:
-        _write(maildir_template, piece)
+        _write(maildir_template, piece, journal)
     return taken, rest
 
 
-def _write(maildir_template: str, piece: list[Written]) -> None:
+def _write(maildir_template: str, piece: list[Written], journal: RenameJournal | None) -> None:
     copies: list[_Copy] = []
     owners: list[tuple[Written, NewRecipient]] = []
     for written in piece:
@@ -130,7 +142,12 @@ def _write(maildir_template: str, piece: list[Written]) -> None:
                 continue  # left to the queue: the delivery loop fails it with a DSN
             copies.append(_Copy(maildir, lf_body, message.sender, rcpt.address))
             owners.append((written, rcpt))
-    results = write_and_commit(copies) if copies else []
+    if not copies:
+        results: list[Path | Exception] = []
+    elif journal is None:
+        results = write_and_commit(copies)
+    else:
+        results = _write_journaled(copies, journal)
     now = time.time()
     for (written, rcpt), result in zip(owners, results, strict=True):
         if isinstance(result, Path):
@@ -144,6 +161,40 @@ def _write(maildir_template: str, piece: list[Written]) -> None:
         done = {id(rcpt) for rcpt, _ in written.delivered}
         written.left = [r for r in written.message.recipients if id(r) not in done]
         written.at = now
+
+
+def _write_journaled(copies: list[_Copy], journal: RenameJournal) -> list[Path | Exception]:
+    """write_and_commit, with the files on the journal's filesystem committed
+    through it (one syncfs); any elsewhere take the two syncfs (commit_batch)."""
+    results: list[Path | Exception] = []
+    staged: dict[int, list[tuple[int, tuple[Path, int, int]]]] = {}  # device: [(index, staged file)]
+    for i, copy in enumerate(copies):
+        try:
+            checked = stage_checked(
+                copy.maildir, copy.source, return_path=copy.return_path, delivered_to=copy.delivered_to
+            )
+            staged.setdefault(os.stat(checked[0]).st_dev, []).append((i, checked))
+            results.append(checked[0])
+        except OSError as exc:
+            results.append(exc)
+    for device, files in staged.items():
+        if device == journal.device:
+            committed: Sequence[Path | OSError] = journal.commit([f for _, f in files])
+        else:
+            _elsewhere(journal)
+            committed = commit_batch([tmp for _, (tmp, _, _) in files])
+        for (i, _), result in zip(files, committed, strict=True):
+            results[i] = result
+    return results
+
+
+def _elsewhere(journal: RenameJournal) -> None:
+    if not journal.elsewhere_told:
+        journal.elsewhere_told = True
+        log.info(
+            "queue: Maildirs on another filesystem than %s: two syncfs a batch before the reply for them",
+            journal.path,
+        )
 
 
 def log_deliveries(taken: Sequence[Written]) -> None:

@@ -41,6 +41,7 @@ import re
 import socket
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
@@ -136,15 +137,7 @@ def _stage(maildir: Path, name: str, pieces: Callable[[], Iterable[bytes]], *, f
         # zero extra system calls.
         _create_maildir(maildir)
         tmp = _write_tmp(maildir, name, pieces(), fsync=fsync)
-    if not fsync:
-        return tmp
-    new = maildir / "new" / name
-    try:
-        _rename_into_new(maildir, tmp, new)
-    except OSError:
-        _unlink_quietly(tmp)
-        raise
-    return new
+    return move_into_new(tmp) if fsync else tmp
 
 
 # -- batch commits with syncfs(2) ------------------------------------------------
@@ -236,6 +229,36 @@ def stage_unsynced(maildir: Path, lf_content: bytes, *, return_path: str, delive
     )
 
 
+def stage_checked(
+    maildir: Path, lf_content: bytes, *, return_path: str, delivered_to: str
+) -> tuple[Path, int, int]:
+    """`stage_unsynced`, with the file's size and CRC-32: what the rename
+    journal (delivery/maildir_journal.py) keeps to know the file again."""
+    header = _delivery_header(return_path, delivered_to)
+    size = len(header) + len(lf_content)
+    tmp = _stage(maildir, _unique_name(size), lambda: (header, lf_content), fsync=False)
+    return tmp, size, zlib.crc32(lf_content, zlib.crc32(header))
+
+
+def move_into_new(tmp: Path) -> Path:
+    """Rename a staged <maildir>/tmp/<name> into new/ (durable only after a
+    syncfs or an fsync of new/); returns the path in new/. On failure the tmp
+    file is removed and the OSError raised."""
+    maildir = tmp.parent.parent
+    new = maildir / "new" / tmp.name
+    try:
+        _rename_into_new(maildir, tmp, new)
+    except OSError:
+        _unlink_quietly(tmp)
+        raise
+    return new
+
+
+def remove_staged(tmp: Path) -> None:
+    """Remove a staged tmp/ file that will not be delivered (its syncfs failed)."""
+    _unlink_quietly(tmp)
+
+
 def commit_batch(tmps: Sequence[Path]) -> list[Path | OSError]:
     """syncfs, rename each tmp/<name> to new/<name>, syncfs: per file, its path in
     new/ (durable) or the error. One filesystem assumed per call (group by st_dev)."""
@@ -249,13 +272,9 @@ def commit_batch(tmps: Sequence[Path]) -> list[Path | OSError]:
         return [exc] * len(tmps)
     results: list[Path | OSError] = []
     for tmp in tmps:
-        maildir = tmp.parent.parent
-        new = maildir / "new" / tmp.name
         try:
-            _rename_into_new(maildir, tmp, new)
-            results.append(new)
+            results.append(move_into_new(tmp))
         except OSError as exc:
-            _unlink_quietly(tmp)
             results.append(exc)
     try:
         syncfs(tmps[0].parent)

@@ -49,8 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from gannet import maillog, metrics
-from gannet.delivery import local_direct
+from gannet.delivery import local_direct, maildir_journal
 from gannet.delivery.local_at_enqueue import LocalAtEnqueue, Settings
+from gannet.delivery.maildir_journal import SETTLE_AFTER, RenameJournal
 from gannet.logsetup import setup_logging
 from gannet.queue import sqlite_enqueue_wire as wire
 from gannet.queue import sqlite_ops as ops
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     local = None
     try:
         if args.local_delivery:
-            local = _Local.start(Settings.from_json(args.local_delivery), writer, ctx)
+            local = _Local.start(Settings.from_json(args.local_delivery), writer, ctx, _journal_path(db))
         sock.sendall(wire.frame(wire.READY))
         if local is not None and local.released_at_start:  # the delivery loop is to look again
             sock.sendall(wire.Reply(released=True).encode())
@@ -103,8 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BrokenPipeError, ConnectionResetError):
         pass  # the server is gone: nobody is waiting for an answer
     finally:
+        if local is not None and local.journal is not None:
+            local.journal.close()
         writer.close_here()
     return 0
+
+
+def _journal_path(db: Path) -> Path:
+    return db.with_name(db.name + "-renames")
 
 
 @dataclass(slots=True)
@@ -120,19 +127,23 @@ class _Local:
     which messages to claim, the jobs that claim them and record the results,
     and what the server is told (taken, released)."""
 
-    def __init__(self, delivery: LocalAtEnqueue, ready_fd: int, released_at_start: int) -> None:
+    def __init__(
+        self, delivery: LocalAtEnqueue, ready_fd: int, released_at_start: int, journal: RenameJournal | None
+    ) -> None:
         self.delivery = delivery
         self.ready_fd = ready_fd
         self.released_at_start = released_at_start
+        self.journal = journal  # local_direct's renames (delivery/maildir_journal.py)
         self._fresh: _Fresh | None = None
         self._written: list[local_direct.Written] = []  # delivered before the reply, to record
         self._trace_due = 0.0  # time.monotonic() by which `_written` is to be recorded
 
     @classmethod
-    def start(cls, settings: Settings, writer: Writer, ctx: ops.Ctx) -> _Local:
+    def start(cls, settings: Settings, writer: Writer, ctx: ops.Ctx, journal_path: Path) -> _Local:
         """Set up logging and metrics as the server's, give back what a previous
         writer left claimed (it has exited: the server waited for it, or the
-        kernel killed it with its server), start the thread."""
+        kernel killed it with its server), finish the renames its journal
+        names, start the thread."""
         setup_logging(settings.log_format, "info")
         if metrics.multiprocess():
             metrics.configure(settings.metric_domains)
@@ -142,6 +153,9 @@ class _Local:
             raise error
         if released:
             log.info("queue: %d local recipient(s) a previous enqueue writer claimed are due again", released)
+        # Even with local_direct turned off since: what a crash left is finished.
+        maildir_journal.replay(journal_path)
+        journal = RenameJournal(journal_path) if settings.direct else None
         ready_r, ready_w = os.pipe()
         os.set_blocking(ready_w, False)
 
@@ -151,7 +165,7 @@ class _Local:
 
         delivery = LocalAtEnqueue(settings, ready)
         delivery.start()
-        return cls(delivery, ready_r, released)
+        return cls(delivery, ready_r, released, journal)
 
     def write_direct(self, sock: socket.socket, group: list[wire.Request]) -> list[wire.Request]:
         """Deliver the group's all-local messages now (delivery/local_direct.py)
@@ -161,7 +175,7 @@ class _Local:
         settings = self.delivery.settings
         if not settings.direct:
             return group
-        taken, rest = local_direct.deliver(settings.maildir_template, group)
+        taken, rest = local_direct.deliver(settings.maildir_template, group, self.journal)
         whole = [w.number for w in taken if w.complete]
         if whole:
             counted = WriterStats(direct_messages=len(whole), direct_groups=1)
@@ -193,10 +207,20 @@ class _Local:
         claim = (fresh, time.time() + settings.lease_seconds, settings.owner)
         return [Job(partial(ops.claim_fresh, ctx), claim, _CLAIM)]
 
-    def trace_wait(self) -> float | None:
-        """Seconds until the traces of messages delivered before the reply are
-        due to be recorded; None when there are none."""
-        return max(0.0, self._trace_due - time.monotonic()) if self._written else None
+    def wait(self) -> float | None:
+        """Seconds to wait for requests before there is something to do
+        without them: renames to settle, or traces due to be recorded; None
+        when there is nothing."""
+        waits = [max(0.0, self._trace_due - time.monotonic())] if self._written else []
+        if self.journal is not None and self.journal.unsettled:
+            waits.append(SETTLE_AFTER)
+        return min(waits, default=None)
+
+    def settle(self, *, idle: bool) -> None:
+        """Make the renames of the messages answered so far durable, when the
+        writer is `idle` or the journal full (delivery/maildir_journal.py)."""
+        if self.journal is not None and (idle or self.journal.full):
+            self.journal.settle()
 
     def result_jobs(self, ctx: ops.Ctx, *, last: bool = False) -> list[Job]:
         """The jobs that record the deliveries done and give back the rest, in a
@@ -276,9 +300,8 @@ def _serve(
     one, bulk = partial(ops.enqueue_one, ctx), partial(ops.enqueue_many, ctx)
     frames = wire.FrameBuffer()
     while True:
-        requests, open_ = _receive(
-            sock, frames, local.ready_fd if local else None, local.trace_wait() if local else None
-        )
+        ready_fd, wait = (local.ready_fd, local.wait()) if local is not None else (None, None)
+        requests, open_ = _receive(sock, frames, ready_fd, wait)
         messages = [wire.message_of(r) for r in requests]
         for start in range(0, len(messages), max_batch):
             group = messages[start : start + max_batch]
@@ -289,6 +312,7 @@ def _serve(
                 jobs += local.claim_jobs(ctx, group)
             _transaction(sock, writer, commits, jobs, group, local)
         if local is not None:
+            local.settle(idle=not requests or not open_)
             if not open_:  # write what it holds, then record it all before going
                 local.delivery.stop()
             # Apart from the enqueues, after their answers went out: the 250s do not

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,9 +19,11 @@ from pathlib import Path
 import peers
 import pytest
 
-from gannet.delivery import local_direct
+from gannet.delivery import local_direct, maildir_journal
 from gannet.delivery.local import MaildirCopy
-from gannet.delivery.maildir import SYNCFS_AVAILABLE
+from gannet.delivery.maildir import SYNCFS_AVAILABLE, stage_checked
+from gannet.delivery.maildir import syncfs as real_syncfs
+from gannet.delivery.maildir_journal import RenameJournal
 from gannet.queue.ids import new_queue_id
 from gannet.queue.model import InlineBody, NewMessage, NewRecipient, RecipientState, SpooledBody, Transport
 from gannet.queue.sqlite import SqliteStore
@@ -142,6 +146,43 @@ def test_a_large_group_is_written_in_pieces(tmp_path: Path, monkeypatch: pytest.
         assert path.read_bytes().endswith(b"y" * 380 + b"\n")
 
 
+def test_with_the_journal_a_piece_costs_one_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's way (delivery/maildir_journal.py): each piece answered after
+    one syncfs, the renames' own syncfs left to `settle`."""
+    monkeypatch.setattr(local_direct, "PIECE", 1000)
+    syncs: list[Path] = []
+
+    def counted(path: Path) -> None:
+        syncs.append(path)
+        real_syncfs(path)
+
+    monkeypatch.setattr(maildir_journal, "syncfs", counted)
+    journal = RenameJournal(tmp_path / "queue.db-renames")
+    body = b"Subject: x\r\n\r\n" + b"y" * 380 + b"\r\n"
+    group = [(n, message(local(f"u{n}@example.test"), body=body)) for n in range(7)]
+    taken, rest = local_direct.deliver(str(tmp_path / "{domain}" / "{user}"), group, journal)
+    assert rest == [] and len(syncs) == 4 and journal.unsettled
+    for w in taken:
+        ((_, path),) = w.delivered
+        assert w.complete and path.parent == tmp_path / "example.test" / f"u{w.number}" / "new"
+    journal.close()
+    assert len(syncs) == 5 and (tmp_path / "queue.db-renames").read_bytes() == b""
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_the_writer_finishes_renames_a_crash_lost(tmp_path: Path, direct: bool) -> None:
+    """A file answered after its journal line and data were durable, whose
+    rename the crash lost: the next writer moves it into new/ before it takes
+    a request (also when local_direct was turned off in between)."""
+    maildir = tmp_path / "mail" / "example.test" / "bob"
+    tmp, size, crc = stage_checked(maildir, b"Subject: x\n\n", return_path="a@x", delivered_to="bob@x")
+    (tmp_path / "queue.db-renames").write_text(json.dumps([str(tmp), size, crc]) + "\n")
+    async with running(tmp_path, direct=direct) as q:
+        (path,) = q.files("bob@example.test")
+        assert path.name == tmp.name and not tmp.exists()
+    assert (tmp_path / "queue.db-renames").read_bytes() == b""
+
+
 async def test_a_writer_that_stops_records_the_traces_it_holds(tmp_path: Path) -> None:
     """Traces wait up to TRACE_EVERY to be recorded together; a writer told to
     stop (the server closing the store) records them before it exits."""
@@ -175,6 +216,24 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mountpoint
     finally:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_maildirs_on_another_filesystem_take_two_syncfs(
+    tmp_path: Path, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The journal on the queue's filesystem, the Maildirs on a tmpfs: one
+    syncfs could not cover both, so their files are committed the old way (a
+    syncfs for the data, one for the renames), and the log says so once."""
+    caplog.set_level(logging.INFO, "gannet.delivery.local")
+    journal = RenameJournal(tmp_path / "queue.db-renames")
+    group = [(n, message(local(f"u{n}@example.test"))) for n in range(3)]
+    for one in group:
+        (w,), _ = local_direct.deliver(str(small_disk / "{domain}" / "{user}"), [one], journal)
+        ((_, path),) = w.delivered
+        assert path.parent == small_disk / "example.test" / f"u{w.number}" / "new"
+    assert not journal.unsettled and (tmp_path / "queue.db-renames").read_bytes() == b""
+    assert caplog.text.count("Maildirs on another filesystem than") == 1
+    journal.close()
 
 
 async def test_a_full_disk_loses_nothing(tmp_path: Path, small_disk: Path) -> None:
