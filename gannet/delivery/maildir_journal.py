@@ -71,7 +71,10 @@ class RenameJournal:
         (the file removed)."""
         if not staged:
             return []
-        lines = b"".join(json.dumps([str(tmp), size, crc]).encode() + b"\n" for tmp, size, crc in staged)
+        # Each line after a newline: should an earlier write have been cut
+        # short (ENOSPC), its fragment cannot swallow this batch's first line.
+        entries = [json.dumps([str(tmp), size, crc]).encode() for tmp, size, crc in staged]
+        lines = b"\n" + b"\n".join(entries) + b"\n"
         try:
             _write_all(self._fd, lines)
             self._size += len(lines)

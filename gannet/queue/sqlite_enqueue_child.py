@@ -24,11 +24,15 @@ answering, and records that thread's results in a transaction of their own
 (docs/queue.md, "Local delivery at enqueue"). With its `direct` setting
 (`[delivery] local_direct`), a message whose every recipient is local is not
 enqueued at all: delivery/local_direct.py writes its Maildir files before the
-answer, and the queue gets only its history, after the answer.
+answer, and the queue gets only its history, after the answer. Their renames
+into new/ are kept in a journal (`queue.db-renames`, delivery/maildir_journal.py)
+until a syncfs after them: the next group's, or `settle`'s once no request has
+come for SETTLE_AFTER; a new writer first finishes what a crash left there.
 
 Never: accept requests from anything but its parent's socket (marshal), touch a
 message the server did not hand it, or answer before the COMMIT (for a message
-delivered before the reply: before its files are durable in new/).
+delivered before the reply: before its files are in new/ and their data and
+journal lines durable).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def syncs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
 
 def lines(journal: Path) -> list[list[object]]:
-    return [json.loads(line) for line in journal.read_bytes().splitlines()]
+    return [json.loads(line) for line in journal.read_bytes().splitlines() if line]
 
 
 def test_a_batch_is_in_new_after_one_syncfs(tmp_path: Path, syncs: list[Path]) -> None:
@@ -181,3 +181,17 @@ def test_replay_never_fails_on_what_a_crash_leaves(data: bytes) -> None:
         journal.write_bytes(data)
         assert maildir_journal.replay(journal) == 0
         assert journal.read_bytes() == b""
+
+
+def test_a_torn_line_does_not_hide_the_next_batch(tmp_path: Path) -> None:
+    """A write cut short (a full disk) left half a line without its newline;
+    the next batch's lines still parse, and replay finds their files."""
+    journal_file = tmp_path / "renames"
+    journal_file.write_bytes(b'["/mail/u0/tmp/half')
+    journal = RenameJournal(journal_file)
+    staged = stage(tmp_path / "mail", 1)
+    (new,) = journal.commit(staged)
+    assert isinstance(new, Path)
+    os.rename(new, new.parent.parent / "tmp" / new.name)  # the rename lost in a crash
+    assert maildir_journal.replay(journal_file) == 1
+    assert new.exists()
