@@ -174,7 +174,7 @@ def _write_journaled(copies: list[_Copy], journal: RenameJournal) -> list[Path |
                 copy.maildir, copy.source, return_path=copy.return_path, delivered_to=copy.delivered_to
             )
             staged.setdefault(os.stat(checked[0]).st_dev, []).append((i, checked))
-            results.append(checked[0])
+            results.append(checked[0])  # replaced below by the commit's result
         except OSError as exc:
             results.append(exc)
     for device, files in staged.items():

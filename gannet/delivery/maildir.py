@@ -223,10 +223,7 @@ def _lf_size(source: Path) -> int:
 def stage_unsynced(maildir: Path, lf_content: bytes, *, return_path: str, delivered_to: str) -> Path:
     """Write tmp/<name> without fsync and return it: the first half of a batch
     commit (`commit_batch` makes it durable and moves it into new/)."""
-    header = _delivery_header(return_path, delivered_to)
-    return _stage(
-        maildir, _unique_name(len(header) + len(lf_content)), lambda: (header, lf_content), fsync=False
-    )
+    return stage_checked(maildir, lf_content, return_path=return_path, delivered_to=delivered_to)[0]
 
 
 def stage_checked(
