@@ -70,11 +70,13 @@ from gannet.delivery.maildir import (
     SYNCFS_AVAILABLE,
     commit_batch,
     maildir_path,
+    stage_checked,
     stage_file,
     stage_in_maildir,
     stage_unsynced,
     to_lf,
 )
+from gannet.delivery.maildir_journal import RenameJournal
 from gannet.delivery.outcome_log import log_outcome
 from gannet.queue.model import (
     Claim,
@@ -509,17 +511,26 @@ class FileJob:
         return self.rcpt.address
 
 
-def write_and_commit(jobs: Sequence[MaildirCopy]) -> list[Path | Exception]:
-    """In a thread: stage every file unsynced, then commit_batch per filesystem.
-    Per job: its path in new/ (durable), or what went wrong."""
+def write_and_commit(
+    jobs: Sequence[MaildirCopy], journal: RenameJournal | None = None
+) -> list[Path | Exception]:
+    """In a thread: stage every file unsynced, then commit them per filesystem:
+    with `journal`, those on its filesystem through it (one syncfs before the
+    answer, delivery/maildir_journal.py), any other with commit_batch (two).
+    Per job: its path in new/ (durable, or redoable from the journal), or what went wrong."""
     staged: list[Path | Exception] = []
-    for job in jobs:
+    checks: dict[int, tuple[int, int]] = {}  # job index: (size, CRC-32), for the journal
+    for i, job in enumerate(jobs):
         sender, to = job.return_path, job.delivered_to
         try:
             if isinstance(job.source, Path):
                 staged.append(
                     stage_file(job.maildir, job.source, return_path=sender, delivered_to=to, fsync=False)
                 )
+            elif journal is not None:
+                file, size, crc = stage_checked(job.maildir, job.source, return_path=sender, delivered_to=to)
+                staged.append(file)
+                checks[i] = (size, crc)
             else:
                 staged.append(stage_unsynced(job.maildir, job.source, return_path=sender, delivered_to=to))
         except Exception as exc:  # OSError mostly; a bug must still not drop the message
@@ -528,9 +539,15 @@ def write_and_commit(jobs: Sequence[MaildirCopy]) -> list[Path | Exception]:
     for i, item in enumerate(staged):
         if isinstance(item, Path):
             by_device.setdefault(_device(item), []).append(i)
-    for indexes in by_device.values():
+    for device, indexes in by_device.items():
         tmps = [tmp for i in indexes if isinstance(tmp := staged[i], Path)]
-        for i, result in zip(indexes, commit_batch(tmps), strict=True):
+        if journal is not None and all(i in checks for i in indexes) and journal.shares(device):
+            committed: Sequence[Path | OSError] = journal.commit(
+                [(tmp, *checks[i]) for i, tmp in zip(indexes, tmps, strict=True)]
+            )
+        else:
+            committed = commit_batch(tmps)
+        for i, result in zip(indexes, committed, strict=True):
             staged[i] = result
     return staged
 

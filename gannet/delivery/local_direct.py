@@ -40,7 +40,6 @@ message with a recipient neither written nor handed back to be queued.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from pathlib import Path
 
 from gannet import maillog
 from gannet.delivery.local import RELAY, write_and_commit
-from gannet.delivery.maildir import commit_batch, maildir_path, stage_checked, to_lf
+from gannet.delivery.maildir import maildir_path, to_lf
 from gannet.delivery.maildir_journal import RenameJournal
 from gannet.delivery.outcome_log import log_outcome
 from gannet.queue.model import Delivered, InlineBody, NewMessage, NewRecipient, Transport
@@ -142,12 +141,7 @@ def _write(maildir_template: str, piece: list[Written], journal: RenameJournal |
                 continue  # left to the queue: the delivery loop fails it with a DSN
             copies.append(_Copy(maildir, lf_body, message.sender, rcpt.address))
             owners.append((written, rcpt))
-    if not copies:
-        results: list[Path | Exception] = []
-    elif journal is None:
-        results = write_and_commit(copies)
-    else:
-        results = _write_journaled(copies, journal)
+    results = write_and_commit(copies, journal) if copies else []
     now = time.time()
     for (written, rcpt), result in zip(owners, results, strict=True):
         if isinstance(result, Path):
@@ -161,40 +155,6 @@ def _write(maildir_template: str, piece: list[Written], journal: RenameJournal |
         done = {id(rcpt) for rcpt, _ in written.delivered}
         written.left = [r for r in written.message.recipients if id(r) not in done]
         written.at = now
-
-
-def _write_journaled(copies: list[_Copy], journal: RenameJournal) -> list[Path | Exception]:
-    """write_and_commit, with the files on the journal's filesystem committed
-    through it (one syncfs); any elsewhere take the two syncfs (commit_batch)."""
-    results: list[Path | Exception] = []
-    staged: dict[int, list[tuple[int, tuple[Path, int, int]]]] = {}  # device: [(index, staged file)]
-    for i, copy in enumerate(copies):
-        try:
-            checked = stage_checked(
-                copy.maildir, copy.source, return_path=copy.return_path, delivered_to=copy.delivered_to
-            )
-            staged.setdefault(os.stat(checked[0]).st_dev, []).append((i, checked))
-            results.append(checked[0])  # replaced below by the commit's result
-        except OSError as exc:
-            results.append(exc)
-    for device, files in staged.items():
-        if device == journal.device:
-            committed: Sequence[Path | OSError] = journal.commit([f for _, f in files])
-        else:
-            _elsewhere(journal)
-            committed = commit_batch([tmp for _, (tmp, _, _) in files])
-        for (i, _), result in zip(files, committed, strict=True):
-            results[i] = result
-    return results
-
-
-def _elsewhere(journal: RenameJournal) -> None:
-    if not journal.elsewhere_told:
-        journal.elsewhere_told = True
-        log.info(
-            "queue: Maildirs on another filesystem than %s: two syncfs a batch before the reply for them",
-            journal.path,
-        )
 
 
 def log_deliveries(taken: Sequence[Written]) -> None:

@@ -223,7 +223,7 @@ def _lf_size(source: Path) -> int:
 def stage_unsynced(maildir: Path, lf_content: bytes, *, return_path: str, delivered_to: str) -> Path:
     """Write tmp/<name> without fsync and return it: the first half of a batch
     commit (`commit_batch` makes it durable and moves it into new/)."""
-    return stage_checked(maildir, lf_content, return_path=return_path, delivered_to=delivered_to)[0]
+    return _stage_lf(maildir, lf_content, return_path, delivered_to)[0]
 
 
 def stage_checked(
@@ -231,10 +231,15 @@ def stage_checked(
 ) -> tuple[Path, int, int]:
     """`stage_unsynced`, with the file's size and CRC-32: what the rename
     journal (delivery/maildir_journal.py) keeps to know the file again."""
+    tmp, header = _stage_lf(maildir, lf_content, return_path, delivered_to)
+    return tmp, len(header) + len(lf_content), zlib.crc32(lf_content, zlib.crc32(header))
+
+
+def _stage_lf(maildir: Path, lf_content: bytes, return_path: str, delivered_to: str) -> tuple[Path, bytes]:
+    """tmp/<name> written unsynced; returns it and the delivery header put on top."""
     header = _delivery_header(return_path, delivered_to)
-    size = len(header) + len(lf_content)
-    tmp = _stage(maildir, _unique_name(size), lambda: (header, lf_content), fsync=False)
-    return tmp, size, zlib.crc32(lf_content, zlib.crc32(header))
+    name = _unique_name(len(header) + len(lf_content))
+    return _stage(maildir, name, lambda: (header, lf_content), fsync=False), header
 
 
 def move_into_new(tmp: Path) -> Path:

@@ -61,7 +61,20 @@ class RenameJournal:
         self.device = stat.st_dev
         self._size = stat.st_size
         self.unsettled = False  # renames since the last syncfs that followed them all
-        self.elsewhere_told = False  # the log line on Maildirs on another filesystem
+        self._elsewhere_told = False  # the log line on Maildirs on another filesystem
+
+    def shares(self, device: int) -> bool:
+        """Whether files on `device` can use the journal (its filesystem: one
+        syncfs covers both); the first time not, a log line says so."""
+        if device == self.device:
+            return True
+        if not self._elsewhere_told:
+            self._elsewhere_told = True
+            log.info(
+                "queue: Maildirs on another filesystem than %s: two syncfs a batch before the reply for them",
+                self.path,
+            )
+        return False
 
     def commit(self, staged: Sequence[tuple[Path, int, int]]) -> list[Path | OSError]:
         """Files staged in tmp/ on the journal's filesystem, each with its size

@@ -128,9 +128,9 @@ def test_a_large_group_is_written_in_pieces(tmp_path: Path, monkeypatch: pytest.
     batches: list[int] = []
     real = local_direct.write_and_commit
 
-    def counting(copies: list[MaildirCopy]) -> list[Path | Exception]:
+    def counting(copies: list[MaildirCopy], journal: RenameJournal | None = None) -> list[Path | Exception]:
         batches.append(len(copies))
-        return real(copies)
+        return real(copies, journal)
 
     monkeypatch.setattr(local_direct, "write_and_commit", counting)
     body = b"Subject: x\r\n\r\n" + b"y" * 380 + b"\r\n"  # 3 bodies are over 1,000 bytes
